@@ -35,3 +35,13 @@ class MissingInputError(DeepAnatError):
     """A required input file does not exist."""
 
     exit_code = 66
+
+
+class UnknownAnalysisLevelError(DeepAnatError):
+    exit_code = 17
+
+
+class OutputNotWritableError(DeepAnatError):
+    """The output or work folder cannot be created or written (sysexits EX_CANTCREAT)."""
+
+    exit_code = 73

@@ -1,0 +1,251 @@
+"""PyBIDS queries, derivative naming and the derivative dataset description (SPEC §3, §8)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import __version__
+from .errors import InvalidDatasetError, NothingSelectedError
+from .io import write_json_atomic, write_text_atomic
+
+LOGGER = logging.getLogger(__name__)
+
+#: Entities of a DWI run that distinguish its outputs, in BIDS filename order.
+RUN_ENTITIES = ("subject", "session", "acquisition", "reconstruction", "direction", "run")
+_KEYS = {"subject": "sub", "session": "ses", "acquisition": "acq", "reconstruction": "rec",
+         "direction": "dir", "run": "run"}
+_LABEL = re.compile(r"^[A-Za-z0-9]+$")
+
+
+def strip_prefix(label: str, prefix: str) -> str:
+    """``sub-01`` and ``01`` both mean subject ``01``."""
+    label = str(label).strip()
+    return label[len(prefix) + 1:] if label.startswith(f"{prefix}-") else label
+
+
+@dataclass(frozen=True)
+class DwiRun:
+    """One diffusion run and the files that go with it."""
+
+    entities: dict  # PyBIDS long names from RUN_ENTITIES, values as strings
+    dwi: Path
+    bval: Path | None
+    bvec: Path | None
+    t1w: Path | None = None
+    sidecar: Path | None = field(default=None, compare=False)
+
+    @property
+    def subject(self) -> str:
+        return self.entities["subject"]
+
+    @property
+    def name(self) -> str:
+        """The run's filename stem without suffix, e.g. ``sub-01_ses-1_dir-AP``."""
+        return "_".join(f"{_KEYS[k]}-{self.entities[k]}" for k in RUN_ENTITIES
+                        if k in self.entities)
+
+    @property
+    def node_name(self) -> str:
+        """A Nipype-safe identifier for workflows of this run."""
+        return re.sub(r"[^A-Za-z0-9]", "_", self.name)
+
+
+def derivative_path(
+    run: DwiRun, *, datatype: str, suffix: str, extension: str = ".nii.gz",
+    space: str | None = "dwi", desc: str | None = None,
+) -> Path:
+    """Relative path of a derivative of ``run`` (the one place output names are made).
+
+    Anatomical files cannot carry ``dir-``: it is folded into ``acq-`` (``acq-dirAP``, or
+    ``acq-<acq>dir<dir>``) so that every DWI run keeps its own valid anat name.
+    """
+    ent = dict(run.entities)
+    if datatype == "anat" and "direction" in ent:
+        direction = ent.pop("direction")
+        ent["acquisition"] = f"{ent.get('acquisition', '')}dir{direction}"
+    for key, value in ent.items():
+        if not _LABEL.match(str(value)):
+            raise ValueError(f"entity {key}={value!r} is not a BIDS label")
+    parts = [f"{_KEYS[k]}-{ent[k]}" for k in RUN_ENTITIES if k in ent]
+    if space:
+        parts.append(f"space-{space}")
+    if desc:
+        parts.append(f"desc-{desc}")
+    parts.append(suffix)
+    folder = Path(f"sub-{ent['subject']}")
+    if "session" in ent:
+        folder /= f"ses-{ent['session']}"
+    return folder / datatype / ("_".join(parts) + extension)
+
+
+def bids_uri(path: Path, bids_dir: Path) -> str:
+    """A BIDS URI into the raw dataset, named ``raw`` in DatasetLinks."""
+    return f"bids:raw:{Path(path).resolve().relative_to(Path(bids_dir).resolve()).as_posix()}"
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def validate_dataset(bids_dir: Path, *, skip_validator: bool = False) -> None:
+    """Refuse what is not a BIDS dataset; run the official validator when it is installed."""
+    bids_dir = Path(bids_dir)
+    if not bids_dir.is_dir():
+        raise InvalidDatasetError(f"{bids_dir}: not a directory")
+    description = bids_dir / "dataset_description.json"
+    if not description.is_file():
+        raise InvalidDatasetError(f"{bids_dir}: not a BIDS dataset (no dataset_description.json)")
+    try:
+        json.loads(description.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise InvalidDatasetError(f"{description}: not valid JSON ({err})") from None
+    if skip_validator:
+        return
+    errors = run_validator(bids_dir)
+    if errors:
+        shown = "; ".join(errors[:5]) + (f"; ... ({len(errors)} in all)" if len(errors) > 5 else "")
+        raise InvalidDatasetError(
+            f"{bids_dir}: the BIDS validator found errors: {shown} "
+            "(use --skip-bids-validation to run anyway)"
+        )
+
+
+def validator_executable() -> str | None:
+    beside = Path(sys.executable).parent / "bids-validator-deno"
+    return str(beside) if beside.exists() else shutil.which("bids-validator-deno")
+
+
+def run_validator(dataset: Path) -> list[str]:
+    """Errors reported by ``bids-validator-deno`` (empty when it is not installed)."""
+    exe = validator_executable()
+    if exe is None:
+        LOGGER.warning("bids-validator-deno is not installed: only basic BIDS checks were made")
+        return []
+    proc = subprocess.run([exe, str(dataset), "--format", "json"], capture_output=True,
+                          text=True, timeout=600, check=False)
+    try:
+        report = json.loads(proc.stdout)
+    except ValueError:
+        LOGGER.warning("the BIDS validator gave no readable report: %s", proc.stderr.strip()[-300:])
+        return []
+    return [
+        f"{issue.get('code')}: {issue.get('location', '')}".strip()
+        for issue in report.get("issues", {}).get("issues", [])
+        if issue.get("severity") == "error"
+    ]
+
+
+# --------------------------------------------------------------------------- discovery
+
+
+def load_layout(bids_dir: Path, database_dir: Path | None = None):
+    from bids import BIDSLayout
+
+    kwargs = {}
+    if database_dir is not None:
+        kwargs["database_path"] = str(database_dir)
+    return BIDSLayout(str(bids_dir), validate=False, **kwargs)
+
+
+def _companion(layout, dwi: str, kind: str) -> Path | None:
+    getter = layout.get_bval if kind == "bval" else layout.get_bvec
+    try:
+        found = getter(dwi)
+    except (IndexError, ValueError):  # PyBIDS raises IndexError when nothing matches
+        return None
+    return Path(found) if found else None
+
+
+def _find_t1w(layout, subject: str, session: str | None) -> Path | None:
+    query = dict(subject=subject, datatype="anat", suffix="T1w", extension=[".nii", ".nii.gz"],
+                 return_type="filename")
+    candidates = []
+    if session is not None:
+        candidates = layout.get(session=session, **query)
+    if not candidates:
+        candidates = layout.get(session=None, **query) if session is not None else \
+            layout.get(**query)
+    if not candidates:
+        return None
+    if len(candidates) > 1:
+        LOGGER.warning("sub-%s: %d T1w images, using %s", subject, len(candidates),
+                       Path(sorted(candidates)[0]).name)
+    return Path(sorted(candidates)[0])
+
+
+def collect_runs(
+    layout,
+    *,
+    participant_labels: list[str] | None = None,
+    session_labels: list[str] | None = None,
+    filters: dict | None = None,
+) -> list[DwiRun]:
+    """Every DWI run selected by labels and a ``--bids-filter-file`` ``dwi`` query."""
+    subjects = layout.get_subjects()
+    wanted = [strip_prefix(s, "sub") for s in participant_labels or []]
+    missing = sorted(set(wanted) - set(subjects))
+    if missing:
+        raise NothingSelectedError(
+            f"participant label(s) {', '.join(missing)} not found; the dataset has: "
+            f"{', '.join(f'sub-{s}' for s in subjects) or 'no subjects'}"
+        )
+    query = {"datatype": "dwi", "suffix": "dwi", "extension": [".nii", ".nii.gz"]}
+    query.update((filters or {}).get("dwi", {}))
+    if wanted:
+        query["subject"] = wanted
+    if session_labels:
+        query["session"] = [strip_prefix(s, "ses") for s in session_labels]
+    files = layout.get(**query)
+    if not files:
+        sessions = layout.get_sessions()
+        raise NothingSelectedError(
+            "no DWI run matches the selection; the dataset has subjects "
+            f"{', '.join(f'sub-{s}' for s in subjects) or 'none'}"
+            + (f" and sessions {', '.join(f'ses-{s}' for s in sessions)}" if sessions else "")
+        )
+    runs = []
+    for bids_file in sorted(files, key=lambda f: f.path):
+        ent = bids_file.get_entities()
+        entities = {k: str(ent[k]) for k in RUN_ENTITIES if ent.get(k) is not None}
+        sidecar = Path(bids_file.path.replace(".nii.gz", ".json").replace(".nii", ".json"))
+        runs.append(DwiRun(
+            entities=entities,
+            dwi=Path(bids_file.path),
+            bval=_companion(layout, bids_file.path, "bval"),
+            bvec=_companion(layout, bids_file.path, "bvec"),
+            t1w=_find_t1w(layout, entities["subject"], entities.get("session")),
+            sidecar=sidecar if sidecar.exists() else None,
+        ))
+    return runs
+
+
+# --------------------------------------------------------------------------- output dataset
+
+
+def write_dataset_description(output_dir: Path, bids_dir: Path) -> None:
+    """The derivative ``dataset_description.json`` and ``.bidsignore`` (SPEC §8)."""
+    output_dir = Path(output_dir)
+    container = {"Type": "docker"} if Path("/.dockerenv").exists() else None
+    generated = {"Name": "bids-deepanat", "Version": __version__,
+                 "CodeURL": "https://github.com/bids-deepanat/bids-deepanat"}
+    if container:
+        generated["Container"] = container
+    description = {
+        "Name": "bids-deepanat: T1w images synthesized from diffusion MRI",
+        "BIDSVersion": "1.10.0",
+        "DatasetType": "derivative",
+        "GeneratedBy": [generated],
+        "SourceDatasets": [{"URL": "bids:raw:"}],
+        "DatasetLinks": {"raw": Path(bids_dir).resolve().as_uri()},
+        "HowToAcknowledge": "Cite Li et al., Medical Image Analysis 86:102744 (2023); see "
+                            "logs/CITATION.md.",
+    }
+    write_json_atomic(description, output_dir / "dataset_description.json")
+    # Scalar diffusion maps have no released BIDS suffix (_dwimap is a BEP016 draft).
+    write_text_atomic("*_dwimap.*\nlogs/\nwork/\n", output_dir / ".bidsignore")

@@ -1,0 +1,93 @@
+"""All derivative writing (SPEC §8): names from :func:`bids_deepanat.bids.derivative_path`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from nipype.interfaces import utility as niu
+from nipype.pipeline import engine as pe
+
+from ..bids import DwiRun, bids_uri, derivative_path
+from ..dmri import CHANNELS
+from ..interfaces.bids import DerivativesSink
+
+MAP_DESCRIPTIONS = {
+    "meanb0": ("Mean of the b=0 volumes", "arbitrary"),
+    "meandwi": ("Mean of the diffusion-weighted volumes used for the tensor fit", "arbitrary"),
+    "L1": ("Largest eigenvalue of the diffusion tensor (DIPY WLS fit)", "um^2/ms"),
+    "L2": ("Middle eigenvalue of the diffusion tensor (DIPY WLS fit)", "um^2/ms"),
+    "L3": ("Smallest eigenvalue of the diffusion tensor (DIPY WLS fit)", "um^2/ms"),
+    **{
+        f"dwi{k}": (f"DWI synthesized from the tensor at b=1000 s/mm^2 along DSM6 direction {k}",
+                    "arbitrary")
+        for k in range(1, 7)
+    },
+}
+
+
+def run_sources(run: DwiRun, bids_dir: Path) -> list[str]:
+    return [bids_uri(p, bids_dir) for p in (run.dwi, run.bval, run.bvec) if p is not None]
+
+
+def mask_output(run: DwiRun, bids_dir: Path, *, automatic: bool) -> tuple[Path, dict]:
+    return derivative_path(run, datatype="dwi", desc="brain", suffix="mask"), {
+        "Type": "Brain",
+        "Description": "Brain mask in diffusion space"
+                       + (" from the mean b=0 image (DIPY median_otsu)" if automatic else
+                          " given by the user"),
+        "Sources": run_sources(run, bids_dir),
+        "SpatialReference": bids_uri(run.dwi, bids_dir),
+    }
+
+
+def map_outputs(run: DwiRun, bids_dir: Path) -> list[tuple[Path, dict]]:
+    outputs = []
+    for channel in CHANNELS:
+        description, units = MAP_DESCRIPTIONS[channel]
+        outputs.append((derivative_path(run, datatype="dwi", desc=channel, suffix="dwimap"), {
+            "Description": description,
+            "Units": units,
+            "SkullStripped": channel not in ("meanb0", "meandwi"),
+            "Sources": run_sources(run, bids_dir),
+            "SpatialReference": bids_uri(run.dwi, bids_dir),
+        }))
+    return outputs
+
+
+def expected_outputs(run: DwiRun, *, save_maps: bool) -> list[Path]:
+    """Relative paths a complete participant-level run of ``run`` leaves behind."""
+    paths = [derivative_path(run, datatype="dwi", desc="brain", suffix="mask")]
+    if save_maps:
+        paths += [derivative_path(run, datatype="dwi", desc=c, suffix="dwimap") for c in CHANNELS]
+    return paths
+
+
+def init_ds_dwi_maps_wf(
+    *, run: DwiRun, bids_dir: Path, output_dir: Path, save_maps: bool, automatic_mask: bool,
+    name: str = "ds_dwi_maps_wf",
+) -> pe.Workflow:
+    """Write the brain mask (always) and the 11 maps (``save_maps``) of one run.
+
+    Inputs: ``map_files``, ``mask_file``, ``warnings``.
+    """
+    workflow = pe.Workflow(name=name)
+    inputnode = pe.Node(niu.IdentityInterface(fields=["map_files", "mask_file", "warnings"]),
+                        name="inputnode")
+    mask_path, mask_meta = mask_output(run, bids_dir, automatic=automatic_mask)
+    ds_mask = pe.Node(
+        DerivativesSink(base_directory=str(output_dir), out_paths=[str(mask_path)],
+                        metadata=[mask_meta]),
+        name="ds_mask", run_without_submitting=True,
+    )
+    workflow.connect([(inputnode, ds_mask, [("mask_file", "in_files"),
+                                            ("warnings", "warnings")])])
+    if save_maps:
+        paths, metadata = zip(*map_outputs(run, bids_dir))
+        ds_maps = pe.Node(
+            DerivativesSink(base_directory=str(output_dir), out_paths=[str(p) for p in paths],
+                            metadata=list(metadata)),
+            name="ds_maps", run_without_submitting=True,
+        )
+        workflow.connect([(inputnode, ds_maps, [("map_files", "in_files"),
+                                                ("warnings", "warnings")])])
+    return workflow
