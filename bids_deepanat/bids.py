@@ -248,4 +248,4 @@ def write_dataset_description(output_dir: Path, bids_dir: Path) -> None:
     }
     write_json_atomic(description, output_dir / "dataset_description.json")
     # Scalar diffusion maps have no released BIDS suffix (_dwimap is a BEP016 draft).
-    write_text_atomic("*_dwimap.*\nlogs/\nwork/\n", output_dir / ".bidsignore")
+    write_text_atomic("*_dwimap.*\nlogs\nwork\n", output_dir / ".bidsignore")

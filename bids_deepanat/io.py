@@ -91,7 +91,7 @@ def save_nifti_atomic(img: nib.spatialimages.SpatialImage, path: Path) -> Path:
 
 
 def write_json_atomic(data: dict, path: Path) -> Path:
-    text = json.dumps(data, indent=2, sort_keys=False) + "\n"
+    text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
     return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
