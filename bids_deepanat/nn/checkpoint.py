@@ -429,9 +429,8 @@ def load_model(
     if expected != info.tensor_shapes:
         missing = sorted(set(expected) - set(info.tensor_shapes))
         extra = sorted(set(info.tensor_shapes) - set(expected))
-        wrong = sorted(
-            k for k in set(expected) & set(info.tensor_shapes) if expected[k] != info.tensor_shapes[k]
-        )
+        common = set(expected) & set(info.tensor_shapes)
+        wrong = sorted(k for k in common if expected[k] != info.tensor_shapes[k])
         detail = "; ".join(
             f"{label}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
             for label, keys in (("missing", missing), ("unexpected", extra), ("wrong shape", wrong))

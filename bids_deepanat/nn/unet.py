@@ -16,6 +16,7 @@ from torch import nn
 __all__ = [
     "REFERENCE_NUM_PARAMETERS",
     "ConvBlock3D",
+    "DownBlock3D",
     "UNet3D",
     "UpBlock3D",
     "count_parameters",
