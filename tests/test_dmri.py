@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import store_as
 from nibabel import orientations
 
 from bids_deepanat import dmri
@@ -207,29 +208,6 @@ def test_nan_voxels_are_zeroed_with_a_warning(analytic_voxels):
 # --------------------------------------------------------------------------- orientation
 
 
-def restore(data: np.ndarray, affine: np.ndarray, bvecs: np.ndarray, axcodes: str):
-    """Store the same image with other voxel axes: data, affine and FSL b-vectors change together.
-
-    Written with nibabel and world-frame geometry only, independently of the code under test.
-    """
-    start = orientations.io_orientation(affine)
-    transform = orientations.ornt_transform(start, orientations.axcodes2ornt(tuple(axcodes)))
-    new_data = orientations.apply_orientation(data, transform)
-    new_affine = affine @ orientations.inv_ornt_aff(transform, data.shape[:3])
-    rot_old = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
-    rot_new = new_affine[:3, :3] / np.linalg.norm(new_affine[:3, :3], axis=0)
-    flip_old = -1.0 if np.linalg.det(affine[:3, :3]) > 0 else 1.0
-    flip_new = -1.0 if np.linalg.det(new_affine[:3, :3]) > 0 else 1.0
-    g_world = (bvecs * [flip_old, 1, 1]) @ rot_old.T
-    new_bvecs = (g_world @ rot_new) * [flip_new, 1, 1]
-
-    def back(array):
-        inverse = orientations.ornt_transform(orientations.axcodes2ornt(tuple(axcodes)), start)
-        return orientations.apply_orientation(array, inverse)
-
-    return back, new_data, new_affine, new_bvecs
-
-
 def smooth_tensor_volume(shape=(14, 12, 10), seed=11):
     """A blob-shaped 'brain' with smoothly varying anisotropic tensors, stored LAS."""
     from scipy import ndimage
@@ -252,10 +230,31 @@ def smooth_tensor_volume(shape=(14, 12, 10), seed=11):
 def test_maps_do_not_depend_on_storage_order(axcodes):
     data, affine, bvals, bvecs = smooth_tensor_volume()
     reference = dmri.compute_maps(data, affine, bvals, bvecs)
-    back, data2, affine2, bvecs2 = restore(data, affine, bvecs, axcodes)
+    data2, affine2, bvecs2, back = store_as(data, affine, bvecs, axcodes)
     assert "".join(orientations.aff2axcodes(affine2)) == axcodes
     other = dmri.compute_maps(data2, affine2, bvals, bvecs2)
     np.testing.assert_array_equal(back(other.mask), reference.mask)
     scale = np.abs(reference.maps).max(axis=(0, 1, 2))
     np.testing.assert_allclose(back(other.maps) / scale, reference.maps / scale, rtol=0, atol=1e-5)
     assert reference.mask.sum() > 100
+
+
+@pytest.mark.parametrize("axcodes", ["RAS", "LAS", "ASL", "IPR"])
+def test_phantom_maps_do_not_depend_on_storage_order(tiny_phantom, axcodes):
+    """One phantom DWI (stored LPS/LAS by the phantom) rewritten RAS, LAS and permuted."""
+    import nibabel as nib
+
+    from bids_deepanat.dmri import read_gradients
+
+    dwi = tiny_phantom / "sub-01" / "dwi" / "sub-01_dwi.nii.gz"
+    img = nib.load(dwi)
+    data, affine = np.asarray(img.dataobj, dtype=np.float32), img.affine
+    bvals, bvecs = read_gradients(dwi.with_suffix("").with_suffix(".bval").read_text(),
+                                  dwi.with_suffix("").with_suffix(".bvec").read_text())
+    reference = dmri.compute_maps(data, affine, bvals, bvecs)
+    data2, affine2, bvecs2, back = store_as(data, affine, bvecs, axcodes)
+    other = dmri.compute_maps(data2, affine2, bvals, bvecs2)
+    np.testing.assert_array_equal(back(other.mask), reference.mask)
+    scale = np.abs(reference.maps).max(axis=(0, 1, 2))
+    np.testing.assert_allclose(back(other.maps) / scale, reference.maps / scale, rtol=0, atol=1e-5)
+    assert reference.mask.sum() > 500

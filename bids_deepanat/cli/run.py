@@ -47,9 +47,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def setup_logging(verbose: int) -> None:
+    # Not forced: a host application (or pytest) that already configured logging keeps it.
     logging.basicConfig(
         level=logging.WARNING, stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
     )
     LOGGER.setLevel(logging.DEBUG if verbose >= 2 else logging.INFO)
     for name in ("nipype.workflow", "nipype.interface", "nipype.utils", "bids"):
