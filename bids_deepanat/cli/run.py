@@ -162,13 +162,16 @@ def execute_workflow(settings, runs) -> dict[str, DeepAnatError]:
     for name in ("nipype.workflow", "nipype.interface", "nipype.utils"):
         logging.getLogger(name).propagate = False  # Nipype has its own handler
     workflow = init_deepanat_wf(runs=runs, settings=settings)
-    plugin_args = {"n_procs": settings.nprocs, "raise_insufficient": False}
+    # torch and OpenMP thread pools do not survive fork(): workers start from a clean server.
+    plugin_args = {"n_procs": settings.nprocs, "raise_insufficient": False,
+                   "mp_context": "forkserver"}
     if settings.mem_gb:
         plugin_args["memory_gb"] = settings.mem_gb
     if settings.plugin_args:
         plugin_args.update(yaml.safe_load(settings.plugin_args.read_text()) or {})
     if settings.nipype_plugin != "MultiProc":
-        plugin_args.pop("n_procs"), plugin_args.pop("raise_insufficient")
+        for key in ("n_procs", "raise_insufficient", "mp_context"):
+            plugin_args.pop(key)
     before = set(crash_dir.glob("crash-*")) if crash_dir.exists() else set()
     try:
         workflow.run(plugin=settings.nipype_plugin, plugin_args=plugin_args)
