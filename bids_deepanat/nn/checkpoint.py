@@ -1,5 +1,5 @@
 """Model files: one ``.safetensors`` file holding the generator weights and everything needed to
-use them (SPEC §4).
+use them (SPEC §6).
 
 The safetensors header carries string metadata:
 
@@ -69,12 +69,14 @@ FORMAT_VERSION = 1
 #: Architectures a model file may declare, by the name stored in the file.
 ARCHITECTURES: dict[str, type[nn.Module]] = {"UNet3D": UNet3D}
 
-#: The DeepAnat input normalization (SPEC §3): diffusion-weighted signals are z-scored with the
+#: The DeepAnat input normalization (SPEC §1): diffusion-weighted signals are z-scored with the
 #: mean and standard deviation inside the brain mask; DTI eigenvalues stay in physical units
-#: (mm^2/s); everything outside the mask is 0.
+#: (``units``: µm²/ms as bids_deepanat.dmri writes them, or mm²/s for a network trained on
+#: FSL-style maps); everything outside the mask is 0.
 DEFAULT_NORMALIZATION: dict[str, Any] = {
     "zscore_within_mask": ["meanb0", "meandwi", "dwi1", "dwi2", "dwi3", "dwi4", "dwi5", "dwi6"],
     "physical_units": ["L1", "L2", "L3"],
+    "units": {"L1": "um2/ms", "L2": "um2/ms", "L3": "um2/ms"},
     "std_ddof": 0,
     "outside_mask": 0.0,
 }
