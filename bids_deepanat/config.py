@@ -48,6 +48,12 @@ class Settings:
     dti_max_bval: float = 1500.0
     #: brain mask: ``auto`` (from the mean b=0) or a NIfTI on the DWI grid
     mask: str = "auto"
+    #: model file for synthesis (default: the model shipped with the package, if any)
+    model: Path | None = None
+    #: where the network runs: ``auto`` picks CUDA when available
+    device: str = "auto"
+    #: tiling of whole-brain inference: ``gaussian`` (ours) or ``deepanat`` (reference blocks)
+    tiling: str = "gaussian"
     #: Nipype execution plugin
     nipype_plugin: str = "MultiProc"
     #: YAML/JSON file of plugin arguments (e.g. for SLURM)
@@ -59,7 +65,7 @@ class Settings:
 
     def __post_init__(self) -> None:
         for name in ("bids_dir", "output_dir", "work_dir", "bids_filter_file",
-                     "bids_database_dir", "plugin_args"):
+                     "bids_database_dir", "plugin_args", "model"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, Path(value).expanduser().absolute())
@@ -67,6 +73,10 @@ class Settings:
             self.work_dir = self.output_dir / "work"
         if self.nprocs < 1 or self.omp_nthreads < 1:
             raise UsageError("--nprocs and --omp-nthreads must be at least 1")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise UsageError(f"--device must be auto, cpu or cuda, not {self.device!r}")
+        if self.tiling not in ("gaussian", "deepanat"):
+            raise UsageError(f"--tiling must be gaussian or deepanat, not {self.tiling!r}")
         if self.b0_threshold < 0 or self.dti_max_bval <= self.b0_threshold:
             raise UsageError("need 0 <= --b0-threshold < --dti-max-bval")
 

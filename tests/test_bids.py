@@ -21,9 +21,11 @@ def run_with(**entities) -> bids.DwiRun:
         ({"subject": "01", "direction": "AP"}, "anat",
          "sub-01/anat/sub-01_acq-dirAP_space-dwi_desc-synth_T1w.nii.gz"),
         ({"subject": "01", "session": "1", "acquisition": "hi", "direction": "PA", "run": "2"},
-         "anat", "sub-01/ses-1/anat/sub-01_ses-1_acq-hidirPA_run-2_space-dwi_desc-synth_T1w.nii.gz"),
+         "anat",
+         "sub-01/ses-1/anat/sub-01_ses-1_acq-hidirPA_run-2_space-dwi_desc-synth_T1w.nii.gz"),
         ({"subject": "01", "session": "1", "acquisition": "hi", "direction": "PA", "run": "2"},
-         "dwi", "sub-01/ses-1/dwi/sub-01_ses-1_acq-hi_dir-PA_run-2_space-dwi_desc-synth_T1w.nii.gz"),
+         "dwi",
+         "sub-01/ses-1/dwi/sub-01_ses-1_acq-hi_dir-PA_run-2_space-dwi_desc-synth_T1w.nii.gz"),
     ],
 )
 def test_derivative_names_fold_dir_into_acq_for_anat(entities, datatype, expected):

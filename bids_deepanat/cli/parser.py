@@ -65,6 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="brain mask: 'auto' from the mean b=0, or a NIfTI on the DWI grid "
                         "(default auto)")
 
+    g = parser.add_argument_group("synthesis")
+    g.add_argument("--model", type=Path, metavar="PATH",
+                   help="model file (.safetensors) for synthesis (default: the shipped model)")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"),
+                   help="where the network runs; auto uses CUDA when available (default auto)")
+    g.add_argument("--tiling", choices=("gaussian", "deepanat"),
+                   help="whole-brain inference: overlapping tiles with Gaussian blending, or the "
+                        "reference DeepAnat block scheme (default gaussian)")
+
     g = parser.add_argument_group("performance and execution")
     g.add_argument("-w", "--work-dir", type=Path, metavar="DIR",
                    help="Nipype working directory (default OUTPUT_DIR/work)")

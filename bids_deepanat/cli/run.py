@@ -118,9 +118,12 @@ def read_filters(path: Path | None) -> dict:
 def run_participant(settings, runs) -> int:
     from .. import bids
     from ..io import check_dwi_run
+    from ..workflows.base import processing_settings
+    from ..workflows.outputs import is_complete
 
     if settings.mask != "auto" and not Path(settings.mask).is_file():
         raise MissingInputError(f"{settings.mask}: mask file not found")
+    model_info = check_model(settings)  # before any subject: a bad model fails fast
     logs = settings.output_dir / "logs"
     bids.write_dataset_description(settings.output_dir, settings.bids_dir)
     settings.write(logs)
@@ -128,6 +131,12 @@ def run_participant(settings, runs) -> int:
     failures: dict[str, DeepAnatError] = {}
     ready = []
     for dwi_run in runs:
+        if is_complete(dwi_run, settings.output_dir, save_maps=settings.save_maps,
+                       synthesize=model_info is not None,
+                       model_sha256=model_info.weights_sha256 if model_info else None,
+                       processing=processing_settings(settings)):
+            LOGGER.info("%s: outputs complete for this model and settings, skipped", dwi_run.name)
+            continue
         try:
             check_dwi_run(dwi_run.dwi, dwi_run.bval, dwi_run.bvec,
                           b0_threshold=settings.b0_threshold)
@@ -139,6 +148,24 @@ def run_participant(settings, runs) -> int:
     if ready:
         failures.update(execute_workflow(settings, ready))
     return report_failures(failures, n_runs=len(runs))
+
+
+def check_model(settings):
+    """Resolve the model (default: the shipped one) and verify it fully; None: maps only."""
+    from ..dmri import CHANNELS
+    from ..nn.checkpoint import check_model_inputs, load_model
+    from ..synthesis import default_model_path
+
+    if settings.model is None:
+        settings.model = default_model_path()
+        if settings.model is None:
+            LOGGER.warning("no model given and none shipped: only the diffusion maps are made")
+            return None
+    _, info = load_model(settings.model, device="cpu")
+    check_model_inputs(info, CHANNELS)
+    LOGGER.info("model %s (%s, sha256 %s...)", info.name, settings.model.name,
+                info.weights_sha256[:12])
+    return info
 
 
 def execute_workflow(settings, runs) -> dict[str, DeepAnatError]:
@@ -181,7 +208,8 @@ def execute_workflow(settings, runs) -> dict[str, DeepAnatError]:
 
     failures: dict[str, DeepAnatError] = {}
     for dwi_run in runs:
-        missing = [p for p in expected_outputs(dwi_run, save_maps=settings.save_maps)
+        missing = [p for p in expected_outputs(dwi_run, save_maps=settings.save_maps,
+                                               synthesize=settings.model is not None)
                    if not (settings.output_dir / p).exists()]
         if missing:
             failures[dwi_run.name] = crash_reason(dwi_run, crashes) or DeepAnatError(

@@ -8,11 +8,21 @@ from nipype.pipeline import engine as pe
 from ..bids import DwiRun
 from ..config import Settings
 from .dwi import init_dwi_maps_wf
-from .outputs import init_ds_dwi_maps_wf
+from .outputs import init_ds_dwi_maps_wf, init_ds_synth_wf
+from .synthesis import init_synthesis_wf
+
+
+def processing_settings(settings: Settings) -> dict:
+    """The settings a synthesized T1w depends on (besides the model), kept in its sidecar."""
+    from .. import __version__
+
+    return {"Version": __version__, "B0Threshold": settings.b0_threshold,
+            "DTIMaxBval": settings.dti_max_bval, "Mask": settings.mask,
+            "Tiling": settings.tiling}
 
 
 def init_run_wf(*, run: DwiRun, settings: Settings, name: str | None = None) -> pe.Workflow:
-    """Maps and derivatives of one DWI run (synthesis plugs in after the maps)."""
+    """Maps, synthesis (when a model is set) and the derivatives of one DWI run."""
     workflow = pe.Workflow(name=name or f"run_{run.node_name}_wf")
     automatic_mask = settings.mask == "auto"
     inputnode = pe.Node(
@@ -38,6 +48,20 @@ def init_run_wf(*, run: DwiRun, settings: Settings, name: str | None = None) -> 
         (maps_wf, ds_wf, [("outputnode.map_files", "inputnode.map_files"),
                           ("outputnode.mask_file", "inputnode.mask_file"),
                           ("outputnode.warnings", "inputnode.warnings")]),
+    ])
+    if settings.model is None:
+        return workflow
+    synthesis_wf = init_synthesis_wf(model_file=settings.model, device=settings.device,
+                                     tiling=settings.tiling, omp_nthreads=settings.omp_nthreads)
+    ds_synth_wf = init_ds_synth_wf(run=run, bids_dir=settings.bids_dir,
+                                   output_dir=settings.output_dir,
+                                   processing=processing_settings(settings))
+    workflow.connect([
+        (maps_wf, synthesis_wf, [("outputnode.map_files", "inputnode.map_files"),
+                                 ("outputnode.mask_file", "inputnode.mask_file")]),
+        (synthesis_wf, ds_synth_wf, [("outputnode.synth_file", "inputnode.synth_file"),
+                                     ("outputnode.metadata", "inputnode.metadata")]),
+        (maps_wf, ds_synth_wf, [("outputnode.warnings", "inputnode.warnings")]),
     ])
     return workflow
 

@@ -54,12 +54,52 @@ def map_outputs(run: DwiRun, bids_dir: Path) -> list[tuple[Path, dict]]:
     return outputs
 
 
-def expected_outputs(run: DwiRun, *, save_maps: bool) -> list[Path]:
+def synth_output(run: DwiRun, bids_dir: Path, processing: dict) -> tuple[Path, dict]:
+    return derivative_path(run, datatype="anat", desc="synth", suffix="T1w"), {
+        "Description": "T1-weighted image synthesized from diffusion MRI by a 3D U-Net "
+                       "(DeepAnat, Li et al. 2023), on the DWI grid",
+        "SkullStripped": True,
+        "Sources": run_sources(run, bids_dir),
+        "SpatialReference": bids_uri(run.dwi, bids_dir),
+        "ProcessingSettings": processing,
+    }
+
+
+def expected_outputs(run: DwiRun, *, save_maps: bool, synthesize: bool) -> list[Path]:
     """Relative paths a complete participant-level run of ``run`` leaves behind."""
     paths = [derivative_path(run, datatype="dwi", desc="brain", suffix="mask")]
     if save_maps:
         paths += [derivative_path(run, datatype="dwi", desc=c, suffix="dwimap") for c in CHANNELS]
+    if synthesize:
+        paths.append(derivative_path(run, datatype="anat", desc="synth", suffix="T1w"))
     return paths
+
+
+def is_complete(
+    run: DwiRun, output_dir: Path, *, save_maps: bool, synthesize: bool, model_sha256: str | None,
+    processing: dict,
+) -> bool:
+    """Whether a previous run left every output of ``run``, intact, for this model and settings.
+
+    Outputs are written atomically, so a file under its final name is whole; the sidecar of the
+    synthesized T1w records the model and the settings that made it.
+    """
+    import json
+
+    for rel in expected_outputs(run, save_maps=save_maps, synthesize=synthesize):
+        image = output_dir / rel
+        sidecar = image.with_name(image.name.split(".")[0] + ".json")
+        if not (image.is_file() and sidecar.is_file()):
+            return False
+    if not synthesize:
+        return True
+    rel = derivative_path(run, datatype="anat", desc="synth", suffix="T1w")
+    try:
+        meta = json.loads((output_dir / rel).with_name(rel.name.split(".")[0] + ".json")
+                          .read_text())
+    except ValueError:
+        return False
+    return meta.get("ModelSHA256") == model_sha256 and meta.get("ProcessingSettings") == processing
 
 
 def init_ds_dwi_maps_wf(
@@ -90,4 +130,26 @@ def init_ds_dwi_maps_wf(
         )
         workflow.connect([(inputnode, ds_maps, [("map_files", "in_files"),
                                                 ("warnings", "warnings")])])
+    return workflow
+
+
+def init_ds_synth_wf(
+    *, run: DwiRun, bids_dir: Path, output_dir: Path, processing: dict,
+    name: str = "ds_synth_wf",
+) -> pe.Workflow:
+    """Write the synthesized T1w of one run into ``anat/`` with its sidecar.
+
+    Inputs: ``synth_file``, ``metadata`` (from the synthesis node), ``warnings``.
+    """
+    workflow = pe.Workflow(name=name)
+    inputnode = pe.Node(niu.IdentityInterface(fields=["synth_file", "metadata", "warnings"]),
+                        name="inputnode")
+    path, meta = synth_output(run, bids_dir, processing)
+    ds_synth = pe.Node(
+        DerivativesSink(base_directory=str(output_dir), out_paths=[str(path)], metadata=[meta]),
+        name="ds_synth", run_without_submitting=True,
+    )
+    workflow.connect([(inputnode, ds_synth, [("synth_file", "in_files"),
+                                             ("metadata", "extra_metadata"),
+                                             ("warnings", "warnings")])])
     return workflow
