@@ -59,7 +59,7 @@ class DwiRun:
 
 def derivative_path(
     run: DwiRun, *, datatype: str, suffix: str, extension: str = ".nii.gz",
-    space: str | None = "dwi", desc: str | None = None,
+    space: str | None = "dwi", desc: str | None = None, transform: tuple[str, str] | None = None,
 ) -> Path:
     """Relative path of a derivative of ``run`` (the one place output names are made).
 
@@ -78,6 +78,8 @@ def derivative_path(
         parts.append(f"space-{space}")
     if desc:
         parts.append(f"desc-{desc}")
+    if transform:
+        parts += [f"from-{transform[0]}", f"to-{transform[1]}", "mode-image"]
     parts.append(suffix)
     folder = Path(f"sub-{ent['subject']}")
     if "session" in ent:
@@ -247,5 +249,7 @@ def write_dataset_description(output_dir: Path, bids_dir: Path) -> None:
                             "logs/CITATION.md.",
     }
     write_json_atomic(description, output_dir / "dataset_description.json")
-    # Scalar diffusion maps have no released BIDS suffix (_dwimap is a BEP016 draft).
-    write_text_atomic("*_dwimap.*\nlogs\nwork\n", output_dir / ".bidsignore")
+    # Scalar diffusion maps (_dwimap, BEP016), transforms (_xfm, BEP014) and per-run metrics have
+    # no released BIDS names yet; the validator honours .bidsignore.
+    write_text_atomic("*_dwimap.*\n*_metrics.*\n*_xfm.*\nlogs\nwork\ngroup\n",
+                      output_dir / ".bidsignore")

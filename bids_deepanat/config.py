@@ -54,6 +54,8 @@ class Settings:
     device: str = "auto"
     #: tiling of whole-brain inference: ``gaussian`` (ours) or ``deepanat`` (reference blocks)
     tiling: str = "gaussian"
+    #: T1w-to-diffusion registration for training targets: ``rigid`` or ``affine``
+    t1w_registration: str = "rigid"
     #: Nipype execution plugin
     nipype_plugin: str = "MultiProc"
     #: YAML/JSON file of plugin arguments (e.g. for SLURM)
@@ -77,6 +79,8 @@ class Settings:
             raise UsageError(f"--device must be auto, cpu or cuda, not {self.device!r}")
         if self.tiling not in ("gaussian", "deepanat"):
             raise UsageError(f"--tiling must be gaussian or deepanat, not {self.tiling!r}")
+        if self.t1w_registration not in ("rigid", "affine"):
+            raise UsageError("--t1w-registration must be rigid or affine")
         if self.b0_threshold < 0 or self.dti_max_bval <= self.b0_threshold:
             raise UsageError("need 0 <= --b0-threshold < --dti-max-bval")
 

@@ -74,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="whole-brain inference: overlapping tiles with Gaussian blending, or the "
                         "reference DeepAnat block scheme (default gaussian)")
 
+    g = parser.add_argument_group("training targets")
+    g.add_argument("--t1w-registration", choices=("rigid", "affine"),
+                   help="registration of an acquired T1w to the mean b=0, which makes it a "
+                        "training target (default rigid)")
+
     g = parser.add_argument_group("performance and execution")
     g.add_argument("-w", "--work-dir", type=Path, metavar="DIR",
                    help="Nipype working directory (default OUTPUT_DIR/work)")

@@ -178,13 +178,21 @@ def execute_workflow(settings, runs) -> dict[str, DeepAnatError]:
     from ..workflows.outputs import expected_outputs
 
     crash_dir = settings.output_dir / "logs" / "crash"
-    nipype_config.update_config({
+    level = "INFO" if settings.verbose >= 2 else "WARNING"
+    options = {
         "execution": {"crashdump_dir": str(crash_dir), "crashfile_format": "txt",
-                      "stop_on_first_crash": False, "check_version": False},
-        "monitoring": {"enabled": False},
-        "logging": {level: "INFO" if settings.verbose >= 2 else "WARNING"
-                    for level in ("workflow_level", "interface_level", "utils_level")},
-    })
+                      "stop_on_first_crash": "false", "check_version": "false"},
+        "monitoring": {"enabled": "false"},
+        "logging": {key: level for key in ("workflow_level", "interface_level", "utils_level")},
+    }
+    # Worker processes read Nipype's settings from a file, not from this process.
+    config_dir = settings.work_dir / "nipype-config"
+    config_dir.mkdir(parents=True, exist_ok=True)
+    (config_dir / "nipype.cfg").write_text("".join(
+        f"[{section}]\n" + "".join(f"{k} = {v}\n" for k, v in values.items())
+        for section, values in options.items()))
+    os.environ["NIPYPE_CONFIG_DIR"] = str(config_dir)
+    nipype_config.update_config(options)
     nipype_logging.update_logging(nipype_config)
     for name in ("nipype.workflow", "nipype.interface", "nipype.utils"):
         logging.getLogger(name).propagate = False  # Nipype has its own handler

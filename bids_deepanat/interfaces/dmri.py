@@ -24,6 +24,7 @@ class _DiffusionMapsInputSpec(BaseInterfaceInputSpec):
 class _DiffusionMapsOutputSpec(TraitedSpec):
     map_files = OutputMultiObject(File(exists=True), desc="one 3D image per channel, in order")
     channels = traits.List(traits.Str, desc="channel names of map_files")
+    meanb0_file = File(exists=True, desc="the meanb0 channel (reference for registration)")
     mask_file = File(exists=True, desc="brain mask on the DWI grid")
     warnings = traits.List(traits.Str, desc="what the user should know about this run")
 
@@ -72,6 +73,7 @@ class DiffusionMaps(SimpleInterface):
             for c in maps.channels
         ]
         self._results["channels"] = list(maps.channels)
+        self._results["meanb0_file"] = self._results["map_files"][maps.channels.index("meanb0")]
         self._results["mask_file"] = str(save_nifti_atomic(
             image_like(maps.mask, img, dtype=np.uint8), cwd / "mask.nii.gz"))
         self._results["warnings"] = [f"{dwi_path.name}: {w}" for w in maps.warnings]

@@ -15,7 +15,7 @@ def init_dwi_maps_wf(
 
     Inputs: ``dwi_file``, ``bval_file``, ``bvec_file``, ``mask_file`` (optional).
     Outputs: ``map_files`` (11 images in :data:`bids_deepanat.dmri.CHANNELS` order),
-    ``mask_file``, ``warnings``.
+    ``meanb0_file``, ``mask_file``, ``warnings``.
     """
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(
@@ -23,7 +23,8 @@ def init_dwi_maps_wf(
         name="inputnode",
     )
     outputnode = pe.Node(
-        niu.IdentityInterface(fields=["map_files", "mask_file", "warnings"]), name="outputnode"
+        niu.IdentityInterface(fields=["map_files", "meanb0_file", "mask_file", "warnings"]),
+        name="outputnode",
     )
     maps = pe.Node(
         DiffusionMaps(b0_threshold=b0_threshold, dti_max_bval=dti_max_bval), name="maps",
@@ -32,7 +33,7 @@ def init_dwi_maps_wf(
     workflow.connect([
         (inputnode, maps, [("dwi_file", "dwi_file"), ("bval_file", "bval_file"),
                            ("bvec_file", "bvec_file"), ("mask_file", "mask_file")]),
-        (maps, outputnode, [("map_files", "map_files"), ("mask_file", "mask_file"),
-                            ("warnings", "warnings")]),
+        (maps, outputnode, [("map_files", "map_files"), ("meanb0_file", "meanb0_file"),
+                            ("mask_file", "mask_file"), ("warnings", "warnings")]),
     ])
     return workflow

@@ -65,14 +65,75 @@ def synth_output(run: DwiRun, bids_dir: Path, processing: dict) -> tuple[Path, d
     }
 
 
+def target_paths(run: DwiRun) -> dict[str, Path]:
+    """The registered T1w, its transform and the synthesis metrics of a run with a T1w."""
+    return {
+        "target": derivative_path(run, datatype="anat", desc="target", suffix="T1w"),
+        "xfm": derivative_path(run, datatype="anat", suffix="xfm", extension=".txt", space=None,
+                               transform=("T1w", "dwi")),
+        "metrics": derivative_path(run, datatype="anat", desc="synth", suffix="metrics",
+                                   extension=".tsv"),
+    }
+
+
+def target_outputs(run: DwiRun, bids_dir: Path) -> dict[str, tuple[Path, dict]]:
+    """:func:`target_paths` with their sidecars."""
+    sources = [bids_uri(run.t1w, bids_dir), *run_sources(run, bids_dir)]
+    paths = target_paths(run)
+    return {
+        "target": (paths["target"], {
+            "Description": "Acquired T1w registered to the mean b=0 (DIPY mutual information) "
+                           "and resampled onto the DWI grid: the training target",
+            "SkullStripped": False,
+            "Sources": sources,
+            "SpatialReference": bids_uri(run.dwi, bids_dir),
+        }),
+        "xfm": (paths["xfm"], {
+            "Description": "ITK affine transform that resamples the T1w onto the DWI grid "
+                           "(maps DWI-space points to T1w-space points, as antsApplyTransforms "
+                           "reads it with the DWI as reference)",
+            "Sources": sources,
+        }),
+        "metrics": (paths["metrics"], {
+            "Description": "Synthesized vs registered acquired T1w inside the brain mask, both "
+                           "z-scored within the mask",
+            **METRIC_DESCRIPTIONS,
+        }),
+    }
+
+
+METRIC_DESCRIPTIONS = {
+    "mae": {"Description": "mean absolute error of the z-scores"},
+    "mse": {"Description": "mean squared error of the z-scores"},
+    "mse_rescaled": {"Description": "mean squared error after (z + 3) / 6, as DeepAnat reports"},
+    "psnr": {"Description": "peak signal-to-noise ratio of the rescaled images", "Units": "dB"},
+    "ssim": {"Description": "mean 3D structural similarity of the rescaled images"},
+    "pearson_r": {"Description": "Pearson correlation of the z-scores"},
+}
+
+
+def saves_maps(run: DwiRun, save_maps: bool) -> bool:
+    """Maps are written on request, and always where a target exists: training reads them."""
+    return save_maps or run.t1w is not None
+
+
 def expected_outputs(run: DwiRun, *, save_maps: bool, synthesize: bool) -> list[Path]:
     """Relative paths a complete participant-level run of ``run`` leaves behind."""
     paths = [derivative_path(run, datatype="dwi", desc="brain", suffix="mask")]
-    if save_maps:
+    if saves_maps(run, save_maps):
         paths += [derivative_path(run, datatype="dwi", desc=c, suffix="dwimap") for c in CHANNELS]
     if synthesize:
         paths.append(derivative_path(run, datatype="anat", desc="synth", suffix="T1w"))
+    if run.t1w is not None:
+        targets = target_paths(run)
+        paths += [targets["target"], targets["xfm"]]
+        if synthesize:
+            paths.append(targets["metrics"])
     return paths
+
+
+def sidecar_of(path: Path) -> Path:
+    return path.with_name(path.name.split(".")[0] + ".json")
 
 
 def is_complete(
@@ -88,15 +149,13 @@ def is_complete(
 
     for rel in expected_outputs(run, save_maps=save_maps, synthesize=synthesize):
         image = output_dir / rel
-        sidecar = image.with_name(image.name.split(".")[0] + ".json")
-        if not (image.is_file() and sidecar.is_file()):
+        if not (image.is_file() and sidecar_of(image).is_file()):
             return False
     if not synthesize:
         return True
     rel = derivative_path(run, datatype="anat", desc="synth", suffix="T1w")
     try:
-        meta = json.loads((output_dir / rel).with_name(rel.name.split(".")[0] + ".json")
-                          .read_text())
+        meta = json.loads(sidecar_of(output_dir / rel).read_text())
     except ValueError:
         return False
     return meta.get("ModelSHA256") == model_sha256 and meta.get("ProcessingSettings") == processing
@@ -152,4 +211,35 @@ def init_ds_synth_wf(
     workflow.connect([(inputnode, ds_synth, [("synth_file", "in_files"),
                                              ("metadata", "extra_metadata"),
                                              ("warnings", "warnings")])])
+    return workflow
+
+
+def init_ds_target_wf(
+    *, run: DwiRun, bids_dir: Path, output_dir: Path, with_metrics: bool,
+    name: str = "ds_target_wf",
+) -> pe.Workflow:
+    """Write the registered T1w, its transform and (``with_metrics``) the metrics TSV.
+
+    Inputs: ``target_file``, ``xfm_file``, ``registration`` (metadata), ``metrics_file``.
+    """
+    workflow = pe.Workflow(name=name)
+    inputnode = pe.Node(niu.IdentityInterface(
+        fields=["target_file", "xfm_file", "registration", "metrics_file"]), name="inputnode")
+    outputs = target_outputs(run, bids_dir)
+    ds_target = pe.Node(DerivativesSink(
+        base_directory=str(output_dir), out_paths=[str(outputs["target"][0])],
+        metadata=[outputs["target"][1]]), name="ds_target", run_without_submitting=True)
+    ds_xfm = pe.Node(DerivativesSink(
+        base_directory=str(output_dir), out_paths=[str(outputs["xfm"][0])],
+        metadata=[outputs["xfm"][1]]), name="ds_xfm", run_without_submitting=True)
+    workflow.connect([
+        (inputnode, ds_target, [("target_file", "in_files"),
+                                ("registration", "extra_metadata")]),
+        (inputnode, ds_xfm, [("xfm_file", "in_files")]),
+    ])
+    if with_metrics:
+        ds_metrics = pe.Node(DerivativesSink(
+            base_directory=str(output_dir), out_paths=[str(outputs["metrics"][0])],
+            metadata=[outputs["metrics"][1]]), name="ds_metrics", run_without_submitting=True)
+        workflow.connect([(inputnode, ds_metrics, [("metrics_file", "in_files")])])
     return workflow
