@@ -56,6 +56,29 @@ class Settings:
     tiling: str = "gaussian"
     #: T1w-to-diffusion registration for training targets: ``rigid`` or ``affine``
     t1w_registration: str = "rigid"
+    #: group level: generator training mode, ``unet`` (masked MAE) or ``gan``
+    architecture: str = "unet"
+    #: group level: U-Net levels and base filters of a new model (reference 5 and 48)
+    unet_depth: int = 5
+    unet_filters: int = 48
+    #: group level: fine-tune from this model file instead of starting from random weights
+    init_model: Path | None = None
+    #: group level: epochs, global batch size, patch edge (voxels), patches per run and epoch
+    epochs: int = 30
+    batch_size: int = 1
+    patch_size: int = 64
+    patches_per_run: int = 16
+    #: group level: Adam learning rate of the generator, weight of the adversarial loss
+    lr: float = 1e-4
+    gan_weight: float = 1e-3
+    #: group level: fraction of subjects held out for validation
+    validation_fraction: float = 0.2
+    #: group level: continue from the last checkpoint in ``OUTPUT_DIR/group``
+    resume: bool = False
+    #: group level: only aggregate metrics, no training
+    evaluate_only: bool = False
+    #: group level: name of the trained model (default ``deepanat-<architecture>``)
+    model_name: str | None = None
     #: Nipype execution plugin
     nipype_plugin: str = "MultiProc"
     #: YAML/JSON file of plugin arguments (e.g. for SLURM)
@@ -67,7 +90,7 @@ class Settings:
 
     def __post_init__(self) -> None:
         for name in ("bids_dir", "output_dir", "work_dir", "bids_filter_file",
-                     "bids_database_dir", "plugin_args", "model"):
+                     "bids_database_dir", "plugin_args", "model", "init_model"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, Path(value).expanduser().absolute())
@@ -79,6 +102,8 @@ class Settings:
             raise UsageError(f"--device must be auto, cpu or cuda, not {self.device!r}")
         if self.tiling not in ("gaussian", "deepanat"):
             raise UsageError(f"--tiling must be gaussian or deepanat, not {self.tiling!r}")
+        if self.architecture not in ("unet", "gan"):
+            raise UsageError("--architecture must be unet or gan")
         if self.t1w_registration not in ("rigid", "affine"):
             raise UsageError("--t1w-registration must be rigid or affine")
         if self.b0_threshold < 0 or self.dti_max_bval <= self.b0_threshold:

@@ -79,6 +79,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="registration of an acquired T1w to the mean b=0, which makes it a "
                         "training target (default rigid)")
 
+    g = parser.add_argument_group("training (group level)")
+    g.add_argument("--architecture", choices=("unet", "gan"),
+                   help="U-Net with masked MAE, or GAN with the 2D discriminator (default unet)")
+    g.add_argument("--init-model", type=Path, metavar="PATH",
+                   help="fine-tune this model file (shipped, trained or imported)")
+    g.add_argument("--epochs", type=_positive_int, help="epochs (default 30)")
+    g.add_argument("--batch-size", type=_positive_int,
+                   help="global batch size, over all processes under torchrun (default 1)")
+    g.add_argument("--patch-size", type=_positive_int, help="training patch edge (default 64)")
+    g.add_argument("--patches-per-run", type=_positive_int,
+                   help="random patches per run and epoch (default 16)")
+    g.add_argument("--lr", type=float, help="Adam learning rate of the generator (default 1e-4)")
+    g.add_argument("--gan-weight", type=float, help="weight of the adversarial loss (default 1e-3)")
+    g.add_argument("--validation-fraction", type=float,
+                   help="fraction of subjects held out for validation (default 0.2)")
+    g.add_argument("--unet-depth", type=_positive_int, help="U-Net levels of a new model (5)")
+    g.add_argument("--unet-filters", type=_positive_int,
+                   help="base filters of a new model (48)")
+    g.add_argument("--model-name", help="name of the trained model (default deepanat-<arch>)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from the last checkpoint in OUTPUT_DIR/group")
+    g.add_argument("--evaluate-only", action="store_true",
+                   help="aggregate the participant-level metrics, no training")
+
     g = parser.add_argument_group("performance and execution")
     g.add_argument("-w", "--work-dir", type=Path, metavar="DIR",
                    help="Nipype working directory (default OUTPUT_DIR/work)")

@@ -99,7 +99,11 @@ def run(settings) -> int:
                              session_labels=settings.session_label, filters=filters)
     LOGGER.info("%d DWI run(s) selected: %s", len(runs), ", ".join(r.name for r in runs))
     if settings.analysis_level == "group":
-        raise DeepAnatError("the group level (training) is not available in this version yet")
+        from ..group import is_main_process, run_group
+
+        if is_main_process():
+            settings.write(settings.output_dir / "logs")
+        return run_group(settings, runs)
     return run_participant(settings, runs)
 
 
