@@ -38,6 +38,7 @@ class RegisterT1w(SimpleInterface):
         from ..errors import InvalidInputError
         from ..io import image_like, load_nifti, save_nifti_atomic
         from ..registration import (
+            is_brain_only,
             mask_points,
             register_t1w_to_dwi,
             transform_error,
@@ -50,7 +51,11 @@ class RegisterT1w(SimpleInterface):
                                     f"got shape {t1w.shape}")
         b0 = load_nifti(Path(self.inputs.meanb0_file))
         mask = np.asarray(load_nifti(Path(self.inputs.mask_file)).dataobj) > 0
-        result = register_t1w_to_dwi(t1w, b0, mask=mask, affine=self.inputs.affine)
+        # MI restricted to the b0 brain helps only when the T1w is brain-only too; with a
+        # whole-head T1w it pulls scalp into the brain region (see register_t1w_to_dwi).
+        brain_only = is_brain_only(t1w, b0, mask)
+        result = register_t1w_to_dwi(t1w, b0, mask=mask if brain_only else None,
+                                     affine=self.inputs.affine)
         cwd = Path(runtime.cwd)
         target = np.asarray(result.resampled.dataobj, dtype=np.float32)
         self._results["target_file"] = str(save_nifti_atomic(image_like(target, b0),
@@ -67,6 +72,7 @@ class RegisterT1w(SimpleInterface):
                 "MutualInformationFinal": result.mutual_information,
                 "CorrectionFromHeaderMaxMM": max_mm,
                 "CorrectionFromHeaderRotationDeg": angle_deg,
+                "BrainMaskUsed": bool(brain_only),
             }
         }
         return runtime
