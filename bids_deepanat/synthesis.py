@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +41,9 @@ def synthesize_t1w(
     reo = Reorientation.to_ras(affine, mask.shape)
     mask_ras = reo.apply(mask)
     inputs = prepare_input(reo.apply(maps), mask_ras, channels, normalization=info.normalization)
-    prediction = predict_volume(model, inputs, mask_ras, device=device, tiling=tiling)
+    # A progress bar only where someone watches: a terminal, not a log file or a test.
+    prediction = predict_volume(model, inputs, mask_ras, device=device, tiling=tiling,
+                                progress=sys.stderr.isatty())
     scale = info.intensity_scale
     image = to_intensity(prediction, mask_ras, *scale) if scale else prediction * mask_ras
     used = {
