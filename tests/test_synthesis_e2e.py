@@ -157,3 +157,35 @@ def test_real_xa30_both_runs(models, tmp_path):
         meta = json.loads(path.with_name(path.name.replace(".nii.gz", ".json")).read_text())
         assert any("b = 2500" in w for w in meta["Warnings"])
     assert run_validator(out) == []
+
+
+@pytest.mark.slow
+def test_killed_run_then_rerun(tiny_phantom, models, tmp_path):
+    """SIGKILL mid-way leaves no half-written output under a final name; a rerun completes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "bids_deepanat.cli.run", str(tiny_phantom), str(out),
+            "participant", "--model", str(models[0]), "--save-maps", "--skip-bids-validation",
+            "--nprocs", "2"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if list(out.glob("sub-*/dwi/*_dwimap.nii.gz")):
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    for image in out.glob("sub-*/*/*.nii.gz"):
+        np.asarray(nib.load(image).dataobj)  # every file under a final name is whole
+    assert not (out / "sub-01" / "anat" / "sub-01_space-dwi_desc-synth_T1w.nii.gz").exists() \
+        or (out / "sub-01" / "anat" / "sub-01_space-dwi_desc-synth_T1w.json").exists()
+    assert main(args[3:]) == 0
+    for sub in ("01", "02"):
+        np.asarray(nib.load(synth_path(out, sub)).dataobj)
+    assert run_validator(out) == []
