@@ -24,7 +24,7 @@ test: venv
 	$(BIN)/python -m pytest
 
 # The whole loop on a digital phantom: maps and targets, a small U-Net trained on three subjects,
-# synthesis with it for all four (sub-04 has no T1w), metrics. About 10 minutes on 2 cores.
+# synthesis with it for all four (sub-04 has no T1w), metrics. About 4 minutes on 2 cores.
 DEMO = $(BIN)/bids-deepanat $(DEMO_DIR)/bids $(DEMO_DIR)/derivatives
 demo: venv
 	rm -rf $(DEMO_DIR)
