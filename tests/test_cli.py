@@ -45,6 +45,7 @@ def test_exit_zero_and_outputs_named_as_spec(participant_run):
             assert (folder / f"sub-{sub}_space-dwi_desc-{channel}_dwimap.nii.gz").is_file()
             assert (folder / f"sub-{sub}_space-dwi_desc-{channel}_dwimap.json").is_file()
     assert list((out / "logs").glob("config-participant-*.yaml"))
+    assert "DeepAnat" in (out / "logs" / "CITATION.md").read_text()
 
 
 def test_input_dataset_is_untouched(participant_run):

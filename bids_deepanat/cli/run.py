@@ -130,6 +130,7 @@ def run_participant(settings, runs) -> int:
     model_info = check_model(settings)  # before any subject: a bad model fails fast
     logs = settings.output_dir / "logs"
     bids.write_dataset_description(settings.output_dir, settings.bids_dir)
+    bids.write_citation(settings.output_dir)
     settings.write(logs)
 
     failures: dict[str, DeepAnatError] = {}
