@@ -29,12 +29,23 @@ off). Header alignment between two scans of one session is good to a few mm/degr
 inside the capture range of the coarse-to-fine MI search (phantom: recovered from 13 mm /
 6 degrees off to within 0.2 mm / 0.1 degree).
 
-Known limitation (open): on the real xa30 data (whole-head 2 mm MPRAGE, single 3 mm b=0 of a
-b=2500 protocol) the whole-field MI optimum lies 1.5-11 mm (up to 5 degrees) away from the
-header alignment, depending on run and pyramid, and MI restricted to a b0 brain mask is
-degenerate with a whole-head T1w (see ``mask`` of :func:`register_t1w_to_dwi`). Suspected causes:
-the bright, chemically shifted scalp fat ring and susceptibility pile-up of the EPI b=0 against
-bright scalp fat in the T1w. A T1w brain mask (moving mask) or skull stripping is the likely fix.
+Whole-head T1w (no ``mask``; see :func:`_whole_head_inputs`): both images are bias-flattened
+(homomorphic, 20 mm) and the MI is restricted to the b0 brain mask eroded by 6 mm, so that
+near the header alignment the T1w is only ever sampled inside the brain; scalp, skull and the
+receive-coil field no longer drive the search. On xa30 (whole-head 2 mm MPRAGE with strong coil
+bias, single 3 mm b=0 of a b=2500 protocol) this took the departure from the header alignment
+(max over the b0 brain) from 6.8 / 11.2 mm (AP / PA runs) to 4.1 / 2.2 mm, rotation 0.8 / 0.2
+degrees; levels of 6 mm and native, or native only, give the same result to 0.03 mm.
+
+Known limitation (open): what is left is a shift along the phase-encoding axis of opposite sign
+in the two runs (y at the brain centre: +2.8 mm AP, -1.9 mm PA), the signature of EPI
+susceptibility/off-resonance distortion (20.7 Hz per 3 mm pixel; the DWI shim differs from
+the T1w's), which a rigid transform cannot represent. It is stable across every variant tried
+(pyramids, 32/64 bins, rigid only, erosion 3-9 mm, a roughly skull-stripped T1w).
+It is, however, larger than the AP-PA difference measured directly between the two b0s
+(1.2-1.8 mm), so part of it may be a bias of the cross-contrast MI. Staying within 2 mm of the
+header for both runs needs distortion correction (e.g. topup with the reversed-PE pair) or a
+non-rigid, phase-encoding-constrained model, not a different rigid cost.
 """
 
 from __future__ import annotations
@@ -296,17 +307,124 @@ def _overlap_mask(
 
 
 # --------------------------------------------------------------------------------------------
+# Whole-head T1w: intensity flattening and the brain interior
+# --------------------------------------------------------------------------------------------
+
+#: FWHM (mm) of the smooth multiplicative field removed by :func:`flatten_intensity`.
+BIAS_FWHM_MM = 20.0
+#: Depth (mm) by which the b0 brain mask is eroded for whole-head T1w registration.
+INTERIOR_MARGIN_MM = 6.0
+
+
+def _otsu_threshold(values: np.ndarray, nbins: int = 256) -> float:
+    """Otsu's two-class threshold of ``values`` (maximal between-class variance)."""
+    hist, edges = np.histogram(np.asarray(values, dtype=np.float64), nbins)
+    centres = (edges[:-1] + edges[1:]) / 2.0
+    w0 = np.cumsum(hist).astype(float)
+    w1 = w0[-1] - w0
+    m0 = np.cumsum(hist * centres)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        between = w0 * w1 * (m0 / w0 - (m0[-1] - m0) / w1) ** 2
+    return float(centres[int(np.nanargmax(between[:-1]))])
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    labels, n = ndimage.label(mask)
+    if n <= 1:
+        return mask
+    sizes = ndimage.sum(mask, labels, range(1, n + 1))
+    return labels == 1 + int(np.argmax(sizes))
+
+
+def head_mask(data: np.ndarray) -> np.ndarray:
+    """Foreground (head) of a structural image: Otsu on log intensities, holes filled.
+
+    Log intensities separate the near-zero background from tissue of any brightness, so the
+    dark centre of a receive-coil-biased image is not lost to the bright periphery. Holes are
+    filled in 3D and per axial slice (the head is open at the neck), largest component kept.
+    """
+    data = np.nan_to_num(np.asarray(data, dtype=np.float32))
+    logs = np.log1p(np.maximum(data, 0.0))
+    mask = logs > _otsu_threshold(logs.ravel())
+    mask = ndimage.binary_closing(mask, iterations=2)
+    mask = ndimage.binary_fill_holes(mask)
+    for k in range(mask.shape[2]):
+        mask[:, :, k] = ndimage.binary_fill_holes(mask[:, :, k])
+    return _largest_component(mask)
+
+
+def flatten_intensity(
+    data: np.ndarray, mask: np.ndarray, voxel_mm: float, *, fwhm_mm: float = BIAS_FWHM_MM
+) -> np.ndarray:
+    """Homomorphic bias correction: ``data`` divided by its smooth local mean within ``mask``.
+
+    The local mean is a normalized convolution (Gaussian of ``fwhm_mm``, computed within
+    ``mask`` only, so the background does not darken the edge). Receive-coil sensitivity is a
+    smooth multiplicative field; left in, it is a radially symmetric bright rim in both the
+    T1w and the b0 that MI happily matches by rotating about the head centre (xa30: 50-100 deg
+    runaways without it). Structure finer than ``fwhm_mm`` (tissue contrast) is kept. 0 outside
+    ``mask``.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    data = np.where(mask, np.nan_to_num(np.asarray(data, dtype=np.float64)), 0.0)
+    sigma = fwhm_mm / _FWHM_PER_SIGMA / max(float(voxel_mm), 1e-3)
+    num = ndimage.gaussian_filter(data, sigma, mode="constant")
+    den = ndimage.gaussian_filter(mask.astype(np.float64), sigma, mode="constant")
+    field = num / np.maximum(den, 1e-6)
+    ok = mask & (field > 1e-6 * max(float(field.max()), 1e-30))
+    out = np.zeros_like(data)
+    out[ok] = data[ok] / field[ok]
+    return out.astype(np.float32)
+
+
+def _whole_head_inputs(
+    t1w_img: nib.Nifti1Image, b0_img: nib.Nifti1Image
+) -> tuple[nib.Nifti1Image, nib.Nifti1Image, np.ndarray]:
+    """Bias-flattened T1w and b0, and the b0 brain interior used as the MI mask.
+
+    With a whole-head T1w, MI over the whole field is dominated by scalp fat, skull and the
+    receive-coil field, and MI within the b0 brain mask rewards pulling scalp into it. Both
+    problems vanish if the MI only sees the *interior* of the brain: the b0 brain mask
+    (:func:`bids_deepanat.dmri.brain_mask`) eroded by :data:`INTERIOR_MARGIN_MM`, more than
+    the header misalignment expected between two scans of a session, so that every candidate
+    transform near the header alignment samples brain in the T1w, never scalp. No T1w brain
+    extraction is needed. Both images are flattened (:func:`flatten_intensity`) first.
+    """
+    from .dmri import brain_mask
+
+    b0_voxel = float(voxel_sizes(b0_img.affine).mean())
+    b0_data = np.asarray(b0_img.dataobj, dtype=np.float32)
+    brain = brain_mask(b0_data, b0_voxel)
+    if not brain.any():
+        raise ValueError("could not find the brain in the b0 image")
+    steps = max(1, round(INTERIOR_MARGIN_MM / b0_voxel))
+    interior = ndimage.binary_erosion(brain, iterations=steps)
+    if interior.sum() < 0.1 * brain.sum():
+        interior = brain
+    b0_flat = nib.Nifti1Image(flatten_intensity(b0_data, brain, b0_voxel), b0_img.affine)
+    t1w_data = np.asarray(t1w_img.dataobj, dtype=np.float32)
+    t1w_voxel = float(voxel_sizes(t1w_img.affine).mean())
+    t1w_flat = nib.Nifti1Image(
+        flatten_intensity(t1w_data, head_mask(t1w_data), t1w_voxel), t1w_img.affine
+    )
+    return t1w_flat, b0_flat, interior
+
+
+# --------------------------------------------------------------------------------------------
 # Registration
 # --------------------------------------------------------------------------------------------
 
 
-def _pyramid(voxel_mm: float) -> tuple[list[int], list[float]]:
+def _pyramid(voxel_mm: float, coarsest_mm: float = 12.0) -> tuple[list[int], list[float]]:
     """Shrink factors and smoothing sigmas (static voxels) for a coarse-to-fine MI search.
 
-    The coarsest level is about 8-12 mm per voxel whatever the b0 resolution (factor 4 at 2-3
-    mm, factor 2 at 4-5 mm); each level halves the voxel size down to the native grid.
+    The coarsest level is at most ``coarsest_mm`` per voxel: by default about 8-12 mm whatever
+    the b0 resolution (factor 4 at 2-3 mm, factor 2 at 4-5 mm); each level halves the voxel size
+    down to the native grid. The whole-head path limits it to :data:`INTERIOR_MARGIN_MM`, since
+    coarser levels would blur the scalp into the eroded brain interior and leave it few voxels
+    (xa30: 12 mm levels ran off by 30-180 mm).
     """
-    factors = [f for f in (4, 2) if voxel_mm * f <= 12.0] + [1]
+    factors = [f for f in (4, 2) if voxel_mm * f <= coarsest_mm + 1e-6] + [1]
     sigmas = [f / 2.0 if f > 1 else 0.0 for f in factors]
     return factors, sigmas
 
@@ -386,10 +504,14 @@ def mutual_information(
     """Mutual information (nats) of the b0 and the T1w under ``matrix`` (b0 -> T1w world).
 
     Computed with DIPY's Parzen-window estimator on the b0 grid (dense, within ``mask`` if
-    given), with the same preprocessing as :func:`register_t1w_to_dwi`; for comparing
-    alignments of one pair (values are not comparable across subjects).
+    given), with the same preprocessing as :func:`register_t1w_to_dwi` (without ``mask``: the
+    flattened images within the b0 brain interior); for comparing alignments of one pair
+    (values are not comparable across subjects).
     """
-    inputs = _prepare(t1w_img, b0_img, mask)
+    if mask is None:
+        inputs = _prepare(*_whole_head_inputs(t1w_img, b0_img))
+    else:
+        inputs = _prepare(t1w_img, b0_img, mask)
     return _metric_value(inputs, np.eye(4) if matrix is None else matrix, nbins)
 
 
@@ -420,7 +542,10 @@ def register_t1w_to_dwi(
             Only use a brain mask when the T1w is brain-only too (skull-stripped, or the
             phantom): then it is the most accurate choice (phantom: 0.3-0.5 mm). With a
             whole-head T1w, MI restricted to the b0 brain rewards moving scalp and background
-            into the brain region and the search runs off (xa30: 10-100 mm); use None there.
+            into the brain region and the search runs off (xa30: 10-100 mm); use None there:
+            both images are then bias-flattened and the MI is taken within the b0 brain mask
+            (found here) eroded by :data:`INTERIOR_MARGIN_MM`, with a pyramid no coarser than
+            that margin (see :func:`_whole_head_inputs`).
         affine: add a 12-parameter affine stage after the rigid one (e.g. to absorb EPI scaling);
             default rigid only, which is what two scans of one head need.
         nbins: histogram bins of the MI estimate.
@@ -436,9 +561,13 @@ def register_t1w_to_dwi(
         TranslationTransform3D,
     )
 
-    inputs = _prepare(t1w_img, b0_img, mask)
     b0_voxel = float(voxel_sizes(b0_img.affine).mean())
-    factors, sigmas = _pyramid(b0_voxel)
+    if mask is None:
+        inputs = _prepare(*_whole_head_inputs(t1w_img, b0_img))
+        factors, sigmas = _pyramid(b0_voxel, INTERIOR_MARGIN_MM)
+    else:
+        inputs = _prepare(t1w_img, b0_img, mask)
+        factors, sigmas = _pyramid(b0_voxel)
     iters = list(level_iters) if level_iters is not None else [200] * len(factors)
     if len(iters) != len(factors):
         raise ValueError(f"level_iters needs {len(factors)} entries (one per pyramid level)")

@@ -179,8 +179,8 @@ def test_itk_reader_rejects_other_files(tmp_path):
 @pytest.mark.slow
 @pytest.mark.xfail(
     strict=False,
-    reason="open problem: on xa30 the whole-head MI moves 7-11 mm away from the header "
-    "alignment (bright EPI fat / distortion); see registration module notes",
+    reason="open problem: on xa30 the rigid MI optimum is shifted along phase encoding "
+    "(4.1 mm AP / 2.2 mm PA, opposite signs: EPI distortion); see registration module notes",
 )
 @pytest.mark.parametrize("run", ["AP", "PA"])
 def test_xa30_stays_near_header_alignment(run):
@@ -192,6 +192,54 @@ def test_xa30_stays_near_header_alignment(run):
     assert res.resampled.shape == b0.shape
     shift, _ = reg.transform_error(res.matrix, np.eye(4), points=reg.mask_points(mask, b0.affine))
     assert shift < 2.0, shift
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", ["AP", "PA"])
+def test_xa30_whole_head_does_not_run_off(run):
+    """Regression guard for the whole-head path (flattened images, b0 brain interior).
+
+    Not the acceptance criterion (2 mm, above, still open): before this path the search moved
+    6.8 / 11.2 mm and 1.6 / 5.4 degrees, and runs off by 30-180 mm with a coarse pyramid or
+    without bias flattening; now 4.1 / 2.2 mm and under 1 degree.
+    """
+    t1w = nib.load(XA30 / "anat" / "sub-01_T1w.nii.gz")
+    stem = XA30 / "dwi" / f"sub-01_dir-{run}_dwi"
+    b0 = reg.mean_b0(nib.load(f"{stem}.nii.gz"), np.loadtxt(f"{stem}.bval"))
+    mask = brain_mask(np.asarray(b0.dataobj), 3.0)
+    res = reg.register_t1w_to_dwi(t1w, b0)
+    shift, angle = reg.transform_error(
+        res.matrix, np.eye(4), points=reg.mask_points(mask, b0.affine)
+    )
+    assert shift < 5.0 and angle < 1.5, (shift, angle)
+    assert res.mutual_information > res.initial_mutual_information
+
+
+def test_flatten_intensity_removes_smooth_field():
+    """A smooth multiplicative field over a textured object is divided out; texture kept."""
+    rng = np.random.default_rng(1)
+    shape = (40, 40, 40)
+    mask = np.zeros(shape, bool)
+    mask[5:35, 5:35, 5:35] = True
+    texture = 1.0 + 0.2 * (rng.random(shape) > 0.5)
+    x = np.indices(shape)[0] / 40.0
+    field = 1.0 + 2.0 * x  # 1 -> 3 across the image
+    flat = reg.flatten_intensity(texture * field * mask, mask, 2.0, fwhm_mm=20.0)
+    inner = np.zeros(shape, bool)
+    inner[10:30, 10:30, 10:30] = True
+    low, high = flat[inner & (x < 0.4)].mean(), flat[inner & (x > 0.6)].mean()
+    assert abs(high / low - 1.0) < 0.05  # the raw ratio is about 1.8
+    assert flat[~mask].max() == 0.0
+    assert np.corrcoef(flat[inner], texture[inner])[0, 1] > 0.8
+
+
+def test_head_mask_keeps_dark_centre():
+    """A bright rim around a darker interior (coil bias) is one filled head."""
+    shape = (30, 30, 30)
+    r = np.sqrt(((np.indices(shape) - 14.5) ** 2).sum(axis=0))
+    data = np.where(r < 12, 20.0, 0.0) + np.where((r >= 10) & (r < 12), 200.0, 0.0) + 1.0
+    mask = reg.head_mask(data)
+    assert mask[r < 11.5].all() and not mask[r > 13].any()
 
 
 def test_brain_only_detection(tiny_phantom):
