@@ -301,3 +301,25 @@ def test_help_shows_defaults(capsys):
     assert main(["--help"]) == 0
     text = capsys.readouterr().out
     assert "--participant-label" in text and "--save-maps" in text and "default" in text
+
+
+def test_user_mask(participant_run, tmp_path, caplog):
+    """--mask PATH replaces the automatic mask; a mask on another grid is refused (exit 65)."""
+    out, bids = participant_run["out"], participant_run["bids"]
+    auto = out / "sub-01" / "dwi" / "sub-01_space-dwi_desc-brain_mask.nii.gz"
+    img = nib.load(auto)
+    eroded = np.zeros(img.shape, np.uint8)
+    eroded[1:-1, 1:-1, 1:-1] = np.asarray(img.dataobj)[1:-1, 1:-1, 1:-1]
+    user_mask = tmp_path / "mask.nii.gz"
+    nib.save(nib.Nifti1Image(eroded, img.affine), user_mask)
+    new_out = tmp_path / "out"
+    args = [str(bids), str(new_out), "participant", "--participant-label", "01",
+            "--skip-bids-validation", "--nprocs", "1", "--mask", str(user_mask)]
+    assert main(args) == 0
+    written = new_out / "sub-01" / "dwi" / "sub-01_space-dwi_desc-brain_mask.nii.gz"
+    np.testing.assert_array_equal(np.asarray(nib.load(written).dataobj) > 0, eroded > 0)
+    meta = json.loads(written.with_name("sub-01_space-dwi_desc-brain_mask.json").read_text())
+    assert "given by the user" in meta["Description"]
+    nib.save(nib.Nifti1Image(eroded[:-1], img.affine), user_mask)
+    assert main(args[:1] + [str(tmp_path / "out2")] + args[2:]) == 65
+    assert any("not on the grid" in r.getMessage() for r in caplog.records)
