@@ -31,6 +31,18 @@ def strip_prefix(label: str, prefix: str) -> str:
 
 
 @dataclass(frozen=True)
+class ReversePE:
+    """The reversed phase-encoding partner of a run, on the run's grid (for distortion
+    correction): another DWI run of the session (its b=0 volumes are used) or an ``fmap`` EPI
+    meant for the run (all its volumes are used)."""
+
+    image: Path
+    bval: Path | None
+    phase_encoding: str
+    readout_time: float | None = None
+
+
+@dataclass(frozen=True)
 class DwiRun:
     """One diffusion run and the files that go with it."""
 
@@ -40,6 +52,9 @@ class DwiRun:
     bvec: Path | None
     t1w: Path | None = None
     sidecar: Path | None = field(default=None, compare=False)
+    phase_encoding: str | None = None  # BIDS PhaseEncodingDirection, e.g. ``j-``
+    readout_time: float | None = None  # TotalReadoutTime (s)
+    reverse_pe: ReversePE | None = None
 
     @property
     def subject(self) -> str:
@@ -63,11 +78,11 @@ def derivative_path(
 ) -> Path:
     """Relative path of a derivative of ``run`` (the one place output names are made).
 
-    Anatomical files cannot carry ``dir-``: it is folded into ``acq-`` (``acq-dirAP``, or
+    Anatomical files (and ``_fieldmap`` files) cannot carry ``dir-``: it is folded into ``acq-`` (``acq-dirAP``, or
     ``acq-<acq>dir<dir>``) so that every DWI run keeps its own valid anat name.
     """
     ent = dict(run.entities)
-    if datatype == "anat" and "direction" in ent:
+    if datatype in ("anat", "fmap") and "direction" in ent:
         direction = ent.pop("direction")
         ent["acquisition"] = f"{ent.get('acquisition', '')}dir{direction}"
     for key, value in ent.items():
@@ -181,14 +196,68 @@ def _find_t1w(layout, subject: str, session: str | None) -> Path | None:
     return Path(sorted(candidates)[0])
 
 
+def _same_grid(a: Path, b: Path) -> bool:
+    import nibabel as nib
+    import numpy as np
+
+    img_a, img_b = nib.load(str(a)), nib.load(str(b))
+    return img_a.shape[:3] == img_b.shape[:3] and np.allclose(img_a.affine, img_b.affine,
+                                                              atol=1e-3)
+
+
+def _phase_encoding(layout, path: str) -> tuple[str | None, float | None]:
+    import nibabel as nib
+
+    from .sdc import readout_time
+
+    meta = layout.get_metadata(path)
+    direction = meta.get("PhaseEncodingDirection")
+    if direction not in {"i", "j", "k", "i-", "j-", "k-"}:
+        return None, None
+    return direction, readout_time(meta, nib.load(path).shape)
+
+
+def _find_reverse_pe(layout, bids_file, entities: dict) -> ReversePE | None:
+    """The run's reversed phase-encoding partner on its grid: an ``fmap`` EPI meant for it
+    (``IntendedFor``/``B0FieldIdentifier``), else another DWI run of the same session."""
+    from .sdc import PhaseEncoding
+
+    direction, _ = _phase_encoding(layout, bids_file.path)
+    if direction is None:
+        return None
+    own = PhaseEncoding(direction)
+    try:
+        fieldmaps = layout.get_fieldmap(bids_file.path, return_list=True) or []
+    except (ValueError, KeyError):  # PyBIDS raises on malformed IntendedFor
+        fieldmaps = []
+    candidates = [(Path(fm["epi"]), None) for fm in fieldmaps if fm.get("suffix") == "epi"]
+    query = {"subject": entities["subject"], "datatype": "dwi", "suffix": "dwi",
+             "extension": [".nii", ".nii.gz"], "session": entities.get("session")}
+    for other in sorted(layout.get(**query), key=lambda f: f.path):
+        if other.path != bids_file.path:
+            candidates.append((Path(other.path), _companion(layout, other.path, "bval")))
+    for image, bval in candidates:
+        pe, readout = _phase_encoding(layout, str(image))
+        if pe is None or not PhaseEncoding(pe).is_reverse_of(own):
+            continue
+        if not _same_grid(image, Path(bids_file.path)):
+            LOGGER.warning("%s has reversed phase encoding but another grid than %s; it is not "
+                           "used for distortion correction", image.name, Path(bids_file.path).name)
+            continue
+        return ReversePE(image=image, bval=bval, phase_encoding=pe, readout_time=readout)
+    return None
+
+
 def collect_runs(
     layout,
     *,
     participant_labels: list[str] | None = None,
     session_labels: list[str] | None = None,
     filters: dict | None = None,
+    ignore_fieldmaps: bool = False,
 ) -> list[DwiRun]:
-    """Every DWI run selected by labels and a ``--bids-filter-file`` ``dwi`` query."""
+    """Every DWI run selected by labels and a ``--bids-filter-file`` ``dwi`` query, with its
+    T1w and, where it has one, its reversed phase-encoding partner."""
     subjects = layout.get_subjects()
     wanted = [strip_prefix(s, "sub") for s in participant_labels or []]
     missing = sorted(set(wanted) - set(subjects))
@@ -216,13 +285,21 @@ def collect_runs(
         ent = bids_file.get_entities()
         entities = {k: str(ent[k]) for k in RUN_ENTITIES if ent.get(k) is not None}
         sidecar = Path(bids_file.path.replace(".nii.gz", ".json").replace(".nii", ".json"))
+        t1w = _find_t1w(layout, entities["subject"], entities.get("session"))
+        direction, readout = _phase_encoding(layout, bids_file.path)
+        reverse = None
+        if t1w is not None and not ignore_fieldmaps:  # only the target needs it
+            reverse = _find_reverse_pe(layout, bids_file, entities)
         runs.append(DwiRun(
             entities=entities,
             dwi=Path(bids_file.path),
             bval=_companion(layout, bids_file.path, "bval"),
             bvec=_companion(layout, bids_file.path, "bvec"),
-            t1w=_find_t1w(layout, entities["subject"], entities.get("session")),
+            t1w=t1w,
             sidecar=sidecar if sidecar.exists() else None,
+            phase_encoding=direction,
+            readout_time=readout,
+            reverse_pe=reverse,
         ))
     return runs
 

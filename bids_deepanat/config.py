@@ -56,6 +56,9 @@ class Settings:
     tiling: str = "gaussian"
     #: T1w-to-diffusion registration for training targets: ``rigid`` or ``affine``
     t1w_registration: str = "rigid"
+    #: inputs to leave unused; ``fieldmaps``: no distortion correction from a reversed
+    #: phase-encoding pair when registering the T1w
+    ignore: list[str] = field(default_factory=list)
     #: group level: generator training mode, ``unet`` (masked MAE) or ``gan``
     architecture: str = "unet"
     #: group level: U-Net levels and base filters of a new model (reference 5 and 48)
@@ -106,6 +109,9 @@ class Settings:
             raise UsageError("--architecture must be unet or gan")
         if self.t1w_registration not in ("rigid", "affine"):
             raise UsageError("--t1w-registration must be rigid or affine")
+        unknown = sorted(set(self.ignore) - {"fieldmaps"})
+        if unknown:
+            raise UsageError(f"--ignore takes fieldmaps, not {', '.join(unknown)}")
         if self.b0_threshold < 0 or self.dti_max_bval <= self.b0_threshold:
             raise UsageError("need 0 <= --b0-threshold < --dti-max-bval")
 

@@ -37,15 +37,14 @@ bias, single 3 mm b=0 of a b=2500 protocol) this took the departure from the hea
 (max over the b0 brain) from 6.8 / 11.2 mm (AP / PA runs) to 4.1 / 2.2 mm, rotation 0.8 / 0.2
 degrees; levels of 6 mm and native, or native only, give the same result to 0.03 mm.
 
-Known limitation (open): what is left is a shift along the phase-encoding axis of opposite sign
-in the two runs (y at the brain centre: +2.8 mm AP, -1.9 mm PA), the signature of EPI
-susceptibility/off-resonance distortion (20.7 Hz per 3 mm pixel; the DWI shim differs from
-the T1w's), which a rigid transform cannot represent. It is stable across every variant tried
-(pyramids, 32/64 bins, rigid only, erosion 3-9 mm, a roughly skull-stripped T1w).
-It is, however, larger than the AP-PA difference measured directly between the two b0s
-(1.2-1.8 mm), so part of it may be a bias of the cross-contrast MI. Staying within 2 mm of the
-header for both runs needs distortion correction (e.g. topup with the reversed-PE pair) or a
-non-rigid, phase-encoding-constrained model, not a different rigid cost.
+EPI distortion: what is left after the whole-head preprocessing is a shift along the
+phase-encoding axis of opposite sign in the two runs (y at the brain centre: +2.8 mm AP,
+-1.9 mm PA), the signature of susceptibility distortion (20.7 Hz per 3 mm pixel), which no
+rigid transform can represent and no rigid cost removes (pyramids, bins, erosion, stripping
+all tried). Where a run has a reversed phase-encoding partner, the pipeline therefore first
+undistorts the b=0 (:mod:`bids_deepanat.sdc`), registers the T1w to it (xa30: 1.3 mm and
+0.4 degrees from the header alignment for both runs) and maps the registered T1w back into
+the distorted grid with :func:`resample_to_grid` ``voxel_coords``.
 """
 
 from __future__ import annotations
@@ -255,19 +254,32 @@ def resample_to_grid(
     reference_img: nib.Nifti1Image,
     *,
     order: int = 1,
+    voxel_coords: np.ndarray | None = None,
 ) -> nib.Nifti1Image:
     """``img`` resampled onto the grid (shape[:3], affine) of ``reference_img``; float32.
 
     ``matrix`` maps reference world -> ``img`` world (RAS+, mm), the convention of
     :attr:`RegistrationResult.matrix` with ``img`` = T1w and ``reference_img`` = b0. Voxels
     that fall outside ``img`` are 0. ``order`` is the spline order (1 = trilinear).
+    ``voxel_coords`` (3, *shape), if given, are the reference-voxel positions to sample for each
+    output voxel instead of the voxel itself (e.g. :func:`bids_deepanat.sdc.true_positions`,
+    to map an undistorted image into a distorted EPI grid).
     """
     data = np.asarray(img.dataobj, dtype=np.float32)
     ref_shape = tuple(int(s) for s in reference_img.shape[:3])
     vox2vox = np.linalg.inv(img.affine) @ np.asarray(matrix, dtype=float) @ reference_img.affine
-    out = ndimage.affine_transform(
-        data, vox2vox, output_shape=ref_shape, order=order, mode="constant", cval=0.0
-    )
+    if voxel_coords is None:
+        out = ndimage.affine_transform(
+            data, vox2vox, output_shape=ref_shape, order=order, mode="constant", cval=0.0
+        )
+    else:
+        coords = np.asarray(voxel_coords, dtype=np.float64).reshape(3, -1)
+        if coords.shape[1] != int(np.prod(ref_shape)):
+            raise ValueError(f"voxel_coords do not cover the reference grid {ref_shape}")
+        moved = vox2vox[:3, :3] @ coords + vox2vox[:3, 3:4]
+        out = ndimage.map_coordinates(
+            data, moved, order=order, mode="constant", cval=0.0
+        ).reshape(ref_shape)
     result = nib.Nifti1Image(out.astype(np.float32), reference_img.affine)
     result.header.set_xyzt_units("mm")
     return result

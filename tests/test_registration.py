@@ -176,22 +176,30 @@ def test_itk_reader_rejects_other_files(tmp_path):
 # --------------------------------------------------------------------------- real data
 
 
-@pytest.mark.slow
-@pytest.mark.xfail(
-    strict=False,
-    reason="open problem: on xa30 the rigid MI optimum is shifted along phase encoding "
-    "(4.1 mm AP / 2.2 mm PA, opposite signs: EPI distortion); see registration module notes",
-)
-@pytest.mark.parametrize("run", ["AP", "PA"])
-def test_xa30_stays_near_header_alignment(run):
-    t1w = nib.load(XA30 / "anat" / "sub-01_T1w.nii.gz")
+def _xa30_b0(run: str) -> nib.Nifti1Image:
     stem = XA30 / "dwi" / f"sub-01_dir-{run}_dwi"
-    b0 = reg.mean_b0(nib.load(f"{stem}.nii.gz"), np.loadtxt(f"{stem}.bval"))
-    mask = brain_mask(np.asarray(b0.dataobj), 3.0)
-    res = reg.register_t1w_to_dwi(t1w, b0)  # whole-head T1w: no brain mask (see docstring)
-    assert res.resampled.shape == b0.shape
-    shift, _ = reg.transform_error(res.matrix, np.eye(4), points=reg.mask_points(mask, b0.affine))
-    assert shift < 2.0, shift
+    return reg.mean_b0(nib.load(f"{stem}.nii.gz"), np.loadtxt(f"{stem}.bval"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run, reverse", [("AP", "PA"), ("PA", "AP")])
+def test_xa30_stays_near_header_alignment(run, reverse):
+    """The acceptance check: with the EPI distortion taken out by the reversed phase-encoding
+    pair, the registration stays within 2 mm of the header alignment over the whole brain
+    (measured: 1.3 mm and 0.4 degrees for both runs; without it 4.1 / 2.2 mm, see below)."""
+    from bids_deepanat.sdc import estimate_displacement
+
+    t1w = nib.load(XA30 / "anat" / "sub-01_T1w.nii.gz")
+    b0, partner = _xa30_b0(run), _xa30_b0(reverse)
+    fit = estimate_displacement(np.asarray(b0.dataobj), np.asarray(partner.dataobj), axis=1,
+                                voxel_mm=3.0)
+    assert fit.correlation_after > 0.97 > 0.6 > fit.correlation_before
+    undistorted = nib.Nifti1Image(fit.unwarped, b0.affine)
+    mask = brain_mask(fit.unwarped, 3.0)
+    res = reg.register_t1w_to_dwi(t1w, undistorted)  # whole-head T1w: no brain mask
+    shift, angle = reg.transform_error(res.matrix, np.eye(4),
+                                       points=reg.mask_points(mask, b0.affine))
+    assert shift < 2.0 and angle < 1.0, (shift, angle)
 
 
 @pytest.mark.slow
@@ -199,13 +207,13 @@ def test_xa30_stays_near_header_alignment(run):
 def test_xa30_whole_head_does_not_run_off(run):
     """Regression guard for the whole-head path (flattened images, b0 brain interior).
 
-    Not the acceptance criterion (2 mm, above, still open): before this path the search moved
-    6.8 / 11.2 mm and 1.6 / 5.4 degrees, and runs off by 30-180 mm with a coarse pyramid or
-    without bias flattening; now 4.1 / 2.2 mm and under 1 degree.
+    Without distortion correction (a run with no reversed-PE partner): before this path the
+    search moved 6.8 / 11.2 mm and 1.6 / 5.4 degrees, and runs off by 30-180 mm with a coarse
+    pyramid or without bias flattening; now 4.1 / 2.2 mm and under 1 degree, the rest being
+    the EPI distortion a rigid transform cannot take out.
     """
     t1w = nib.load(XA30 / "anat" / "sub-01_T1w.nii.gz")
-    stem = XA30 / "dwi" / f"sub-01_dir-{run}_dwi"
-    b0 = reg.mean_b0(nib.load(f"{stem}.nii.gz"), np.loadtxt(f"{stem}.bval"))
+    b0 = _xa30_b0(run)
     mask = brain_mask(np.asarray(b0.dataobj), 3.0)
     res = reg.register_t1w_to_dwi(t1w, b0)
     shift, angle = reg.transform_error(

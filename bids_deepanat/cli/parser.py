@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--t1w-registration", choices=("rigid", "affine"),
                    help="registration of an acquired T1w to the mean b=0, which makes it a "
                         "training target (default rigid)")
+    g.add_argument("--ignore", nargs="+", choices=("fieldmaps",), metavar="fieldmaps",
+                   help="fieldmaps: do not correct EPI distortion with a reversed phase-encoding "
+                        "pair (DWI run or fmap EPI) before registering the T1w")
 
     g = parser.add_argument_group("training (group level)")
     g.add_argument("--architecture", choices=("unet", "gan"),

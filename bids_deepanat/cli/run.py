@@ -96,7 +96,8 @@ def run(settings) -> int:
     filters = read_filters(settings.bids_filter_file)
     layout = bids.load_layout(settings.bids_dir, settings.bids_database_dir)
     runs = bids.collect_runs(layout, participant_labels=settings.participant_label,
-                             session_labels=settings.session_label, filters=filters)
+                             session_labels=settings.session_label, filters=filters,
+                             ignore_fieldmaps="fieldmaps" in settings.ignore)
     LOGGER.info("%d DWI run(s) selected: %s", len(runs), ", ".join(r.name for r in runs))
     if settings.analysis_level == "group":
         from ..group import is_main_process, run_group

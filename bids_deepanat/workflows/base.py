@@ -59,7 +59,9 @@ def init_run_wf(*, run: DwiRun, settings: Settings, name: str | None = None) -> 
     ])
     synthesize, has_target = settings.model is not None, run.t1w is not None
     if has_target:
-        target_wf = init_t1w_target_wf(affine=settings.t1w_registration == "affine")
+        target_wf = init_t1w_target_wf(affine=settings.t1w_registration == "affine", run=run,
+                                       b0_threshold=settings.b0_threshold,
+                                       omp_nthreads=settings.omp_nthreads)
         target_wf.inputs.inputnode.t1w_file = str(run.t1w)
         ds_target_wf = init_ds_target_wf(run=run, bids_dir=settings.bids_dir,
                                          output_dir=settings.output_dir, with_metrics=synthesize)
@@ -68,7 +70,10 @@ def init_run_wf(*, run: DwiRun, settings: Settings, name: str | None = None) -> 
                                   ("outputnode.mask_file", "inputnode.mask_file")]),
             (target_wf, ds_target_wf, [("outputnode.target_file", "inputnode.target_file"),
                                        ("outputnode.xfm_file", "inputnode.xfm_file"),
-                                       ("outputnode.metadata", "inputnode.registration")]),
+                                       ("outputnode.metadata", "inputnode.registration"),
+                                       ("outputnode.fieldmap_file", "inputnode.fieldmap_file"),
+                                       ("outputnode.magnitude_file",
+                                        "inputnode.magnitude_file")]),
         ])
     if not synthesize:
         return workflow

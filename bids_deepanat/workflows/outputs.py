@@ -65,25 +65,43 @@ def synth_output(run: DwiRun, bids_dir: Path, processing: dict) -> tuple[Path, d
     }
 
 
+def writes_fieldmap(run: DwiRun) -> bool:
+    """A field in Hz needs the reversed-PE partner and the run's readout time."""
+    return run.t1w is not None and run.reverse_pe is not None and bool(run.readout_time)
+
+
 def target_paths(run: DwiRun) -> dict[str, Path]:
-    """The registered T1w, its transform and the synthesis metrics of a run with a T1w."""
-    return {
+    """The registered T1w, its transform and the synthesis metrics of a run with a T1w, and
+    the distortion field where a reversed phase-encoding pair gave one."""
+    paths = {
         "target": derivative_path(run, datatype="anat", desc="target", suffix="T1w"),
         "xfm": derivative_path(run, datatype="anat", suffix="xfm", extension=".txt", space=None,
                                transform=("T1w", "dwi")),
         "metrics": derivative_path(run, datatype="anat", desc="synth", suffix="metrics",
                                    extension=".tsv"),
     }
+    if writes_fieldmap(run):
+        paths["fieldmap"] = derivative_path(run, datatype="fmap", desc="sdc", suffix="fieldmap")
+        paths["magnitude"] = derivative_path(run, datatype="fmap", desc="sdc",
+                                             suffix="magnitude")
+    return paths
 
 
 def target_outputs(run: DwiRun, bids_dir: Path) -> dict[str, tuple[Path, dict]]:
     """:func:`target_paths` with their sidecars."""
     sources = [bids_uri(run.t1w, bids_dir), *run_sources(run, bids_dir)]
     paths = target_paths(run)
-    return {
+    corrected = run.reverse_pe is not None
+    if corrected:
+        sources.append(bids_uri(run.reverse_pe.image, bids_dir))
+    outputs = {
         "target": (paths["target"], {
             "Description": "Acquired T1w registered to the mean b=0 (DIPY mutual information) "
-                           "and resampled onto the DWI grid: the training target",
+                           "and resampled onto the DWI grid: the training target"
+                           + ("; registered to the b=0 undistorted with the reversed "
+                              "phase-encoding pair, then mapped into the distorted DWI grid "
+                              "so that it matches the diffusion maps voxel for voxel"
+                              if corrected else ""),
             "SkullStripped": False,
             "Sources": sources,
             "SpatialReference": bids_uri(run.dwi, bids_dir),
@@ -100,6 +118,26 @@ def target_outputs(run: DwiRun, bids_dir: Path) -> dict[str, tuple[Path, dict]]:
             **METRIC_DESCRIPTIONS,
         }),
     }
+    if "fieldmap" in paths:
+        outputs["fieldmap"] = (paths["fieldmap"], {
+            "Description": "Off-resonance field estimated from the run's b=0 and its reversed "
+                           "phase-encoding partner, on the DWI grid (positive: signal displaced "
+                           "towards the positive end of the phase-encoding axis)",
+            "Units": "Hz",
+            "SkullStripped": False,
+            "PhaseEncodingDirection": run.phase_encoding,
+            "TotalReadoutTime": run.readout_time,
+            "Sources": [*run_sources(run, bids_dir), bids_uri(run.reverse_pe.image, bids_dir)],
+            "SpatialReference": bids_uri(run.dwi, bids_dir),
+        })
+        outputs["magnitude"] = (paths["magnitude"], {
+            "Description": "Mean of the run's b=0 and its reversed phase-encoding partner's, "
+                           "both undistorted with the field: the field's reference image",
+            "SkullStripped": False,
+            "Sources": outputs["fieldmap"][1]["Sources"],
+            "SpatialReference": bids_uri(run.dwi, bids_dir),
+        })
+    return outputs
 
 
 METRIC_DESCRIPTIONS = {
@@ -127,6 +165,8 @@ def expected_outputs(run: DwiRun, *, save_maps: bool, synthesize: bool) -> list[
     if run.t1w is not None:
         targets = target_paths(run)
         paths += [targets["target"], targets["xfm"]]
+        if "fieldmap" in targets:
+            paths += [targets["fieldmap"], targets["magnitude"]]
         if synthesize:
             paths.append(targets["metrics"])
     return paths
@@ -150,6 +190,15 @@ def is_complete(
     for rel in expected_outputs(run, save_maps=save_maps, synthesize=synthesize):
         image = output_dir / rel
         if not (image.is_file() and sidecar_of(image).is_file()):
+            return False
+    if run.t1w is not None:
+        # A target made with(out) distortion correction is stale when the partner is (not) used.
+        try:
+            meta = json.loads(sidecar_of(output_dir / target_paths(run)["target"]).read_text())
+        except ValueError:
+            return False
+        corrected = "DistortionCorrection" in meta
+        if corrected != (run.reverse_pe is not None):
             return False
     if not synthesize:
         return True
@@ -220,11 +269,13 @@ def init_ds_target_wf(
 ) -> pe.Workflow:
     """Write the registered T1w, its transform and (``with_metrics``) the metrics TSV.
 
-    Inputs: ``target_file``, ``xfm_file``, ``registration`` (metadata), ``metrics_file``.
+    Inputs: ``target_file``, ``xfm_file``, ``registration`` (metadata), ``metrics_file``,
+    ``fieldmap_file`` and ``magnitude_file`` (written where :func:`writes_fieldmap`).
     """
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(
-        fields=["target_file", "xfm_file", "registration", "metrics_file"]), name="inputnode")
+        fields=["target_file", "xfm_file", "registration", "metrics_file", "fieldmap_file",
+                "magnitude_file"]), name="inputnode")
     outputs = target_outputs(run, bids_dir)
     ds_target = pe.Node(DerivativesSink(
         base_directory=str(output_dir), out_paths=[str(outputs["target"][0])],
@@ -242,4 +293,15 @@ def init_ds_target_wf(
             base_directory=str(output_dir), out_paths=[str(outputs["metrics"][0])],
             metadata=[outputs["metrics"][1]]), name="ds_metrics", run_without_submitting=True)
         workflow.connect([(inputnode, ds_metrics, [("metrics_file", "in_files")])])
+    if "fieldmap" in outputs:
+        ds_fieldmap = pe.Node(DerivativesSink(
+            base_directory=str(output_dir),
+            out_paths=[str(outputs["fieldmap"][0]), str(outputs["magnitude"][0])],
+            metadata=[outputs["fieldmap"][1], outputs["magnitude"][1]]),
+            name="ds_fieldmap", run_without_submitting=True)
+        merge = pe.Node(niu.Merge(2), name="fieldmap_files", run_without_submitting=True)
+        workflow.connect([
+            (inputnode, merge, [("fieldmap_file", "in1"), ("magnitude_file", "in2")]),
+            (merge, ds_fieldmap, [("out", "in_files")]),
+        ])
     return workflow
