@@ -78,8 +78,8 @@ def derivative_path(
 ) -> Path:
     """Relative path of a derivative of ``run`` (the one place output names are made).
 
-    Anatomical files (and ``_fieldmap`` files) cannot carry ``dir-``: it is folded into ``acq-`` (``acq-dirAP``, or
-    ``acq-<acq>dir<dir>``) so that every DWI run keeps its own valid anat name.
+    Anatomical and ``_fieldmap`` files cannot carry ``dir-``: it is folded into ``acq-``
+    (``acq-dirAP``, or ``acq-<acq>dir<dir>``) so that every DWI run keeps its own valid name.
     """
     ent = dict(run.entities)
     if datatype in ("anat", "fmap") and "direction" in ent:
@@ -217,6 +217,43 @@ def _phase_encoding(layout, path: str) -> tuple[str | None, float | None]:
     return direction, readout_time(meta, nib.load(path).shape)
 
 
+def _intended_targets(values, subject_dir: Path, root: Path) -> set[Path]:
+    """``IntendedFor`` entries as absolute paths: BIDS URIs into this dataset (``bids::``) and
+    the older paths relative to the subject folder."""
+    out = set()
+    for value in [values] if isinstance(values, str) else list(values or []):
+        value = str(value)
+        if value.startswith("bids::"):
+            out.add((root / value[len("bids::"):]).resolve())
+        elif not value.startswith("bids:"):  # bids:<other dataset>: not ours
+            out.add((subject_dir / value).resolve())
+    return out
+
+
+def _epis_for(layout, bids_file, entities: dict) -> list[Path]:
+    """``fmap`` EPIs of the subject meant for this run, by ``IntendedFor`` or by a
+    ``B0FieldSource`` of the run naming their ``B0FieldIdentifier``.
+
+    Matched here rather than with ``BIDSLayout.get_fieldmap``, which (PyBIDS 0.22) fails on
+    ``IntendedFor`` given as BIDS URIs, the form BIDS 1.9 recommends.
+    """
+    root = Path(layout.root)
+    subject_dir = root / f"sub-{entities['subject']}"
+    run_path = Path(bids_file.path).resolve()
+    sources = layout.get_metadata(bids_file.path).get("B0FieldSource") or []
+    sources = {sources} if isinstance(sources, str) else set(sources)
+    found = []
+    for epi in layout.get(subject=entities["subject"], datatype="fmap", suffix="epi",
+                          extension=[".nii", ".nii.gz"]):
+        meta = layout.get_metadata(epi.path)
+        identifiers = meta.get("B0FieldIdentifier") or []
+        identifiers = {identifiers} if isinstance(identifiers, str) else set(identifiers)
+        if run_path in _intended_targets(meta.get("IntendedFor"), subject_dir, root) or \
+                identifiers & sources:
+            found.append(Path(epi.path))
+    return sorted(found)
+
+
 def _find_reverse_pe(layout, bids_file, entities: dict) -> ReversePE | None:
     """The run's reversed phase-encoding partner on its grid: an ``fmap`` EPI meant for it
     (``IntendedFor``/``B0FieldIdentifier``), else another DWI run of the same session."""
@@ -226,11 +263,7 @@ def _find_reverse_pe(layout, bids_file, entities: dict) -> ReversePE | None:
     if direction is None:
         return None
     own = PhaseEncoding(direction)
-    try:
-        fieldmaps = layout.get_fieldmap(bids_file.path, return_list=True) or []
-    except (ValueError, KeyError):  # PyBIDS raises on malformed IntendedFor
-        fieldmaps = []
-    candidates = [(Path(fm["epi"]), None) for fm in fieldmaps if fm.get("suffix") == "epi"]
+    candidates = [(epi, None) for epi in _epis_for(layout, bids_file, entities)]
     query = {"subject": entities["subject"], "datatype": "dwi", "suffix": "dwi",
              "extension": [".nii", ".nii.gz"], "session": entities.get("session")}
     for other in sorted(layout.get(**query), key=lambda f: f.path):

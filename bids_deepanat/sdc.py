@@ -66,7 +66,8 @@ def readout_time(metadata: dict, shape: tuple[int, ...]) -> float | None:
     """``TotalReadoutTime`` (s) of a BIDS sidecar, else from ``EffectiveEchoSpacing``, else None."""
     if metadata.get("TotalReadoutTime"):
         return float(metadata["TotalReadoutTime"])
-    spacing, direction = metadata.get("EffectiveEchoSpacing"), metadata.get("PhaseEncodingDirection")
+    spacing = metadata.get("EffectiveEchoSpacing")
+    direction = metadata.get("PhaseEncodingDirection")
     if spacing and direction and direction[0] in _AXES:
         return float(spacing) * (int(shape[_AXES[direction[0]]]) - 1)
     return None

@@ -91,3 +91,85 @@ def test_not_a_bids_dataset(tmp_path):
         bids.validate_dataset(tmp_path, skip_validator=True)
     with pytest.raises(InvalidDatasetError, match="not a directory"):
         bids.validate_dataset(tmp_path / "nothing", skip_validator=True)
+
+
+# --------------------------------------------------------------------------- reversed-PE pairs
+
+
+@pytest.fixture
+def pepolar(tree, tmp_path):
+    """Real NIfTI headers: sub-01 AP/PA DWI pair; sub-02 an AP run with an fmap EPI meant for it
+    and a second AP run; sub-03 a pair on different grids; sub-04 a pair but no T1w."""
+    import numpy as np
+    from conftest import make_nifti
+
+    grid, other = np.diag([2.0, 2.0, 2.0, 1.0]), np.diag([2.5, 2.5, 2.5, 1.0])
+    files: dict = {}
+    images: list[tuple[str, np.ndarray, tuple]] = []
+
+    def dwi(stem, pe, affine=grid):
+        files[f"{stem}_dwi.json"] = {"PhaseEncodingDirection": pe, "TotalReadoutTime": 0.05}
+        files[f"{stem}_dwi.bval"] = "0 1000"
+        files[f"{stem}_dwi.bvec"] = "1 0\n0 1\n0 0"
+        images.append((f"{stem}_dwi.nii.gz", affine, (6, 7, 5, 2)))
+
+    dwi("sub-01/dwi/sub-01_dir-AP", "j-")
+    dwi("sub-01/dwi/sub-01_dir-PA", "j")
+    dwi("sub-02/dwi/sub-02_dir-AP_run-1", "j-")
+    dwi("sub-02/dwi/sub-02_dir-AP_run-2", "j-")
+    files["sub-02/fmap/sub-02_dir-PA_epi.json"] = {
+        "PhaseEncodingDirection": "j", "TotalReadoutTime": 0.05,
+        "IntendedFor": ["bids::sub-02/dwi/sub-02_dir-AP_run-1_dwi.nii.gz"]}
+    images.append(("sub-02/fmap/sub-02_dir-PA_epi.nii.gz", grid, (6, 7, 5, 3)))
+    dwi("sub-03/dwi/sub-03_dir-AP", "j-")
+    dwi("sub-03/dwi/sub-03_dir-PA", "j", other)
+    dwi("sub-04/dwi/sub-04_dir-AP", "j-")
+    dwi("sub-04/dwi/sub-04_dir-PA", "j")
+    # The older IntendedFor (relative to the subject folder), and B0FieldIdentifier/Source.
+    dwi("sub-05/dwi/sub-05_dir-AP", "j-")
+    files["sub-05/fmap/sub-05_dir-PA_epi.json"] = {
+        "PhaseEncodingDirection": "j", "IntendedFor": "dwi/sub-05_dir-AP_dwi.nii.gz"}
+    dwi("sub-06/dwi/sub-06_dir-LR", "i-")
+    files["sub-06/dwi/sub-06_dir-LR_dwi.json"]["B0FieldSource"] = "pepolar1"
+    files["sub-06/fmap/sub-06_dir-RL_epi.json"] = {
+        "PhaseEncodingDirection": "i", "B0FieldIdentifier": "pepolar1"}
+    for sub in ("05", "06"):
+        rl = "RL" if sub == "06" else "PA"
+        images.append((f"sub-{sub}/fmap/sub-{sub}_dir-{rl}_epi.nii.gz", grid, (6, 7, 5)))
+    for sub in ("01", "02", "03", "05", "06"):
+        images.append((f"sub-{sub}/anat/sub-{sub}_T1w.nii.gz", grid, (6, 7, 5)))
+    root = tree(files)
+    for rel, affine, shape in images:
+        make_nifti(root / rel, np.ones(shape), affine)
+    return root
+
+
+def test_reversed_phase_encoding_partners(pepolar, caplog):
+    runs = {r.name: r for r in bids.collect_runs(bids.load_layout(pepolar))}
+    ap, pa = runs["sub-01_dir-AP"], runs["sub-01_dir-PA"]
+    assert (ap.phase_encoding, ap.readout_time) == ("j-", 0.05)
+    assert ap.reverse_pe.image == pa.dwi and ap.reverse_pe.bval == pa.bval
+    assert ap.reverse_pe.phase_encoding == "j" and pa.reverse_pe.image == ap.dwi
+    # An fmap EPI meant for the run; a run with the same phase encoding is no partner.
+    epi = runs["sub-02_dir-AP_run-1"].reverse_pe
+    assert epi.image.name == "sub-02_dir-PA_epi.nii.gz" and epi.bval is None
+    assert runs["sub-02_dir-AP_run-2"].reverse_pe is None
+    assert runs["sub-05_dir-AP"].reverse_pe.image.name == "sub-05_dir-PA_epi.nii.gz"
+    sub06 = runs["sub-06_dir-LR"].reverse_pe
+    assert sub06.image.name == "sub-06_dir-RL_epi.nii.gz" and sub06.readout_time is None
+    # Another grid: not used, and said so; no T1w: not needed.
+    assert runs["sub-03_dir-AP"].reverse_pe is None
+    assert "another grid" in caplog.text
+    assert runs["sub-04_dir-AP"].reverse_pe is None and runs["sub-04_dir-AP"].t1w is None
+
+
+def test_ignore_fieldmaps(pepolar):
+    runs = bids.collect_runs(bids.load_layout(pepolar), ignore_fieldmaps=True)
+    assert all(r.reverse_pe is None for r in runs)
+    assert runs[0].phase_encoding == "j-"
+
+
+def test_fieldmap_names_fold_dir_into_acq():
+    path = bids.derivative_path(run_with(subject="01", direction="AP"), datatype="fmap",
+                                desc="sdc", suffix="fieldmap")
+    assert path.as_posix() == "sub-01/fmap/sub-01_acq-dirAP_space-dwi_desc-sdc_fieldmap.nii.gz"

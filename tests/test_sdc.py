@@ -1,4 +1,4 @@
-"""Reversed phase-encoding distortion fit (SPEC §5) against a known, independently simulated field."""
+"""Reversed phase-encoding distortion fit (SPEC §5) against an independently simulated field."""
 
 from __future__ import annotations
 

@@ -28,7 +28,8 @@ def init_t1w_target_wf(
     inputnode = pe.Node(niu.IdentityInterface(fields=["t1w_file", "meanb0_file", "mask_file"]),
                         name="inputnode")
     outputnode = pe.Node(niu.IdentityInterface(
-        fields=["target_file", "xfm_file", "metadata", "fieldmap_file", "magnitude_file"]), name="outputnode")
+        fields=["target_file", "xfm_file", "metadata", "fieldmap_file", "magnitude_file"]),
+        name="outputnode")
     register = pe.Node(RegisterT1w(affine=affine), name="register", mem_gb=2.0)
     workflow.connect([
         (inputnode, register, [("t1w_file", "t1w_file"), ("meanb0_file", "meanb0_file"),
