@@ -238,6 +238,7 @@ def test_nan_voxels_are_zeroed_with_a_warning(phantom_copy, tmp_path):
         (["training"], 17, "unknown analysis level"),
         (["participant", "--nprocs", "0"], 64, None),
         (["participant", "--no-such-option"], 64, None),
+        (["participant", "--ignore", "slicetiming"], 64, None),
     ],
 )
 def test_selection_and_usage_errors(tiny_phantom, tmp_path, caplog, args, code, message):

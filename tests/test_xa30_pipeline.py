@@ -83,5 +83,19 @@ def test_targets_follow_the_distortion_of_their_run(outputs):
     assert after > 0.97 and after > before + 0.1, (before, after)  # measured 0.75 -> 0.98
 
 
+def test_rerun_notices_a_change_of_distortion_correction(outputs):
+    """Outputs made without the pair are stale once the pair is used, and vice versa."""
+    from bids_deepanat.bids import collect_runs, load_layout
+    from bids_deepanat.workflows.outputs import is_complete
+
+    corrected, plain = outputs
+    layout = load_layout(XA30)
+    for ignore, complete_in, stale_in in ((False, corrected, plain), (True, plain, corrected)):
+        for run in collect_runs(layout, ignore_fieldmaps=ignore):
+            kwargs = dict(save_maps=False, synthesize=False, model_sha256=None, processing={})
+            assert is_complete(run, complete_in, **kwargs)
+            assert not is_complete(run, stale_in, **kwargs)
+
+
 def test_output_passes_the_bids_validator(outputs):
     assert run_validator(outputs[0]) == []
