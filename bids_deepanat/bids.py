@@ -196,25 +196,36 @@ def _find_t1w(layout, subject: str, session: str | None) -> Path | None:
     return Path(sorted(candidates)[0])
 
 
-def _same_grid(a: Path, b: Path) -> bool:
+def _header(path: Path | str):
+    """The image header, or None when it cannot be read (the run's pre-flight check reports a
+    broken image of the run itself; a broken partner is just not used)."""
     import nibabel as nib
+
+    try:
+        return nib.load(str(path))
+    except Exception:  # noqa: BLE001 - any unreadable file, whatever nibabel raises
+        return None
+
+
+def _same_grid(a: Path, b: Path) -> bool:
     import numpy as np
 
-    img_a, img_b = nib.load(str(a)), nib.load(str(b))
-    return img_a.shape[:3] == img_b.shape[:3] and np.allclose(img_a.affine, img_b.affine,
-                                                              atol=1e-3)
+    img_a, img_b = _header(a), _header(b)
+    return img_a is not None and img_b is not None and img_a.shape[:3] == img_b.shape[:3] \
+        and np.allclose(img_a.affine, img_b.affine, atol=1e-3)
 
 
 def _phase_encoding(layout, path: str) -> tuple[str | None, float | None]:
-    import nibabel as nib
-
     from .sdc import readout_time
 
     meta = layout.get_metadata(path)
     direction = meta.get("PhaseEncodingDirection")
     if direction not in {"i", "j", "k", "i-", "j-", "k-"}:
         return None, None
-    return direction, readout_time(meta, nib.load(path).shape)
+    if meta.get("TotalReadoutTime"):
+        return direction, readout_time(meta, ())
+    img = _header(path)  # EffectiveEchoSpacing needs the matrix size along phase encoding
+    return direction, None if img is None else readout_time(meta, img.shape)
 
 
 def _intended_targets(values, subject_dir: Path, root: Path) -> set[Path]:
@@ -274,8 +285,9 @@ def _find_reverse_pe(layout, bids_file, entities: dict) -> ReversePE | None:
         if pe is None or not PhaseEncoding(pe).is_reverse_of(own):
             continue
         if not _same_grid(image, Path(bids_file.path)):
-            LOGGER.warning("%s has reversed phase encoding but another grid than %s; it is not "
-                           "used for distortion correction", image.name, Path(bids_file.path).name)
+            LOGGER.warning("%s has reversed phase encoding but another grid than %s (or cannot "
+                           "be read); it is not used for distortion correction", image.name,
+                           Path(bids_file.path).name)
             continue
         return ReversePE(image=image, bval=bval, phase_encoding=pe, readout_time=readout)
     return None
