@@ -99,3 +99,28 @@ def test_rerun_notices_a_change_of_distortion_correction(outputs):
 
 def test_output_passes_the_bids_validator(outputs):
     assert run_validator(outputs[0]) == []
+
+
+def test_without_readout_time_the_correction_still_runs(tmp_path):
+    """No TotalReadoutTime/EffectiveEchoSpacing: the pair is assumed to share one readout, the
+    displacement is fitted as usual, and no field in Hz is claimed."""
+    from nipype.interfaces.base import isdefined
+
+    from bids_deepanat.interfaces.registration import EstimateDistortion
+    from bids_deepanat.registration import mean_b0
+
+    stem = str(XA30 / "sub-01" / "dwi" / "sub-01_dir-{}_dwi")
+    b0 = mean_b0(nib.load(f"{stem.format('AP')}.nii.gz"),
+                 np.loadtxt(f"{stem.format('AP')}.bval"))
+    mask = nib.Nifti1Image(np.ones(b0.shape, np.uint8), b0.affine)
+    nib.save(b0, tmp_path / "b0.nii.gz")
+    nib.save(mask, tmp_path / "mask.nii.gz")
+    node = EstimateDistortion(
+        meanb0_file=str(tmp_path / "b0.nii.gz"), mask_file=str(tmp_path / "mask.nii.gz"),
+        reverse_file=f"{stem.format('PA')}.nii.gz", reverse_bval_file=f"{stem.format('PA')}.bval",
+        phase_encoding="j-", reverse_phase_encoding="j")
+    result = node.run(cwd=str(tmp_path))
+    assert not isdefined(result.outputs.fieldmap_file)
+    shift = load(Path(result.outputs.displacement_file))
+    assert shift.shape == b0.shape and np.abs(shift).max() > 1.0
+    assert result.outputs.metadata["B0PairCorrelationAfter"] > 0.97
