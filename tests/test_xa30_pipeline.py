@@ -124,3 +124,22 @@ def test_without_readout_time_the_correction_still_runs(tmp_path):
     shift = load(Path(result.outputs.displacement_file))
     assert shift.shape == b0.shape and np.abs(shift).max() > 1.0
     assert result.outputs.metadata["B0PairCorrelationAfter"] > 0.97
+
+
+def test_a_partner_without_b0_is_a_clear_error(tmp_path, caplog):
+    """Only the AP run is selected; its PA partner's b-values hold no b=0: exit 65 naming the
+    partner and the way out."""
+    import shutil
+
+    bids = tmp_path / "bids"
+    shutil.copytree(XA30, bids)
+    bval = bids / "sub-01" / "dwi" / "sub-01_dir-PA_dwi.bval"
+    assert bval.read_text().startswith("0 ")
+    bval.write_text("2500" + bval.read_text()[1:])
+    filters = tmp_path / "filters.json"
+    filters.write_text(json.dumps({"dwi": {"direction": "AP"}}))
+    code = main([str(bids), str(tmp_path / "out"), "participant", "--nprocs", "1",
+                 "--skip-bids-validation", "--bids-filter-file", str(filters)])
+    assert code == 65
+    errors = " ".join(r.getMessage() for r in caplog.records if r.levelname == "ERROR")
+    assert "sub-01_dir-PA_dwi.nii.gz" in errors and "--ignore fieldmaps" in errors

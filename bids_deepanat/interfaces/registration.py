@@ -49,27 +49,29 @@ class EstimateDistortion(SimpleInterface):
         from ..sdc import PhaseEncoding, estimate_displacement, fieldmap_hz, readout_ratio
 
         b0 = load_nifti(Path(self.inputs.meanb0_file))
+        name = Path(self.inputs.reverse_file).name
+        hint = "; use --ignore fieldmaps to register without distortion correction"
         partner = load_nifti(Path(self.inputs.reverse_file), check_data=True)
         if partner.shape[:3] != b0.shape[:3] or not np.allclose(partner.affine, b0.affine,
                                                                 atol=1e-3):
-            raise InvalidInputError(f"{Path(self.inputs.reverse_file).name}: not on the grid of "
-                                    "the DWI run, cannot serve for distortion correction")
-        if self.inputs.reverse_bval_file:
-            bvals = np.loadtxt(self.inputs.reverse_bval_file, ndmin=1)
-            try:
-                reverse = mean_b0(partner, bvals, b0_threshold=self.inputs.b0_threshold)
-            except ValueError as err:
-                raise InvalidInputError(f"{Path(self.inputs.reverse_file).name}: {err}") from None
-        else:
-            data = np.asarray(partner.dataobj, dtype=np.float32)
-            reverse = image_like(data.mean(axis=3) if data.ndim == 4 else data, b0)
+            raise InvalidInputError(f"{name}: not on the grid of the DWI run, cannot serve for "
+                                    f"distortion correction{hint}")
         own = PhaseEncoding(self.inputs.phase_encoding, self.inputs.readout_time)
         other = PhaseEncoding(self.inputs.reverse_phase_encoding,
                               self.inputs.reverse_readout_time)
-        fit = estimate_displacement(
-            np.asarray(b0.dataobj), np.asarray(reverse.dataobj), axis=own.axis,
-            voxel_mm=float(voxel_sizes(b0.affine)[own.axis]),
-            ratio=readout_ratio(own, other), num_threads=self.inputs.num_threads)
+        try:
+            if self.inputs.reverse_bval_file:
+                bvals = np.loadtxt(self.inputs.reverse_bval_file, ndmin=1)
+                reverse = mean_b0(partner, bvals, b0_threshold=self.inputs.b0_threshold)
+            else:
+                data = np.asarray(partner.dataobj, dtype=np.float32)
+                reverse = image_like(data.mean(axis=3) if data.ndim == 4 else data, b0)
+            fit = estimate_displacement(
+                np.asarray(b0.dataobj), np.asarray(reverse.dataobj), axis=own.axis,
+                voxel_mm=float(voxel_sizes(b0.affine)[own.axis]),
+                ratio=readout_ratio(own, other), num_threads=self.inputs.num_threads)
+        except ValueError as err:  # no b=0 volume, unreadable b-values, no signal
+            raise InvalidInputError(f"{name}: {err}{hint}") from None
         cwd = Path(runtime.cwd)
         self._results["displacement_file"] = str(save_nifti_atomic(
             image_like(fit.displacement, b0), cwd / "displacement.nii.gz"))
