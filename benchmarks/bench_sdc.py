@@ -4,8 +4,8 @@
 
 Times ``sdc.estimate_displacement`` in a fresh process on the xa30 AP/PA b=0 pair at its native
 3 mm and upsampled to 1.5 mm (a stand-in for high-resolution data; the fit's finest level is
-the native grid down to 2.5 mm voxels, coarser for finer data), and reports wall time, peak
-memory and the b=0 pair correlation before and after.
+the native grid, subsampled by floor(2.5 mm / voxel) for voxels of 1.25 mm or finer), and
+reports wall time, peak memory and the b=0 pair correlation before and after.
 """
 
 from __future__ import annotations

@@ -275,14 +275,19 @@ def _find_reverse_pe(layout, bids_file, entities: dict) -> ReversePE | None:
         return None
     own = PhaseEncoding(direction)
     candidates = [(epi, None) for epi in _epis_for(layout, bids_file, entities)]
+    n_epis = len(candidates)
     query = {"subject": entities["subject"], "datatype": "dwi", "suffix": "dwi",
              "extension": [".nii", ".nii.gz"], "session": entities.get("session")}
     for other in sorted(layout.get(**query), key=lambda f: f.path):
         if other.path != bids_file.path:
             candidates.append((Path(other.path), _companion(layout, other.path, "bval")))
-    for image, bval in candidates:
+    for index, (image, bval) in enumerate(candidates):
         pe, readout = _phase_encoding(layout, str(image))
         if pe is None or not PhaseEncoding(pe).is_reverse_of(own):
+            continue
+        if index >= n_epis and bval is None:  # its b=0 volumes cannot be told apart
+            LOGGER.warning("%s has reversed phase encoding but no .bval; it is not used for "
+                           "distortion correction", image.name)
             continue
         if not _same_grid(image, Path(bids_file.path)):
             LOGGER.warning("%s has reversed phase encoding but another grid than %s (or cannot "

@@ -26,8 +26,8 @@ from scipy import ndimage
 LOGGER = logging.getLogger(__name__)
 
 _AXES = {"i": 0, "j": 1, "k": 2}
-#: Voxel size (mm) of the finest level of the fit: the field is smooth, and finer grids only
-#: cost time (topup's finest warp resolution is 4 mm for the same reason).
+#: Voxels of this size (mm) or finer are subsampled by floor(FINEST_LEVEL_MM / voxel) at the
+#: finest level of the fit: the field is smooth, and finer grids only cost time.
 FINEST_LEVEL_MM = 2.5
 #: Iterations of the fit at each level, coarsest first.
 LEVEL_ITERATIONS = (200, 150, 100)
@@ -82,8 +82,9 @@ def readout_ratio(image: PhaseEncoding, reverse: PhaseEncoding) -> float:
 
 def fieldmap_hz(displacement: np.ndarray, pe: PhaseEncoding) -> np.ndarray | None:
     """The off-resonance field (Hz) of a displacement of the image with ``pe`` (None if the
-    readout time is unknown). Positive Hz displaces signal towards the positive end of the PE
-    axis, as in FSL and SDCflows."""
+    readout time is unknown). A positive field displaces signal in the direction of
+    ``PhaseEncodingDirection`` (``j-``: towards decreasing j), by Hz x readout time voxels: the
+    voxel-shift convention of SDCflows."""
     if not pe.readout_time:
         return None
     return (np.asarray(displacement, dtype=np.float32) / (pe.sign * pe.readout_time)).astype(

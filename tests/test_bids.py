@@ -117,6 +117,7 @@ def pepolar(tree, tmp_path):
     dwi("sub-01/dwi/sub-01_dir-PA", "j")
     dwi("sub-02/dwi/sub-02_dir-AP_run-1", "j-")
     dwi("sub-02/dwi/sub-02_dir-AP_run-2", "j-")
+    dwi("sub-02/dwi/sub-02_dir-PA", "j")  # the run-1 EPI is preferred over it
     files["sub-02/fmap/sub-02_dir-PA_epi.json"] = {
         "PhaseEncodingDirection": "j", "TotalReadoutTime": 0.05,
         "IntendedFor": ["bids::sub-02/dwi/sub-02_dir-AP_run-1_dwi.nii.gz"]}
@@ -136,7 +137,13 @@ def pepolar(tree, tmp_path):
     for sub in ("05", "06"):
         rl = "RL" if sub == "06" else "PA"
         images.append((f"sub-{sub}/fmap/sub-{sub}_dir-{rl}_epi.nii.gz", grid, (6, 7, 5)))
-    for sub in ("01", "02", "03", "05", "06"):
+    # Partners never cross sessions; a DWI partner needs its b-values.
+    dwi("sub-07/ses-1/dwi/sub-07_ses-1_dir-AP", "j-")
+    dwi("sub-07/ses-2/dwi/sub-07_ses-2_dir-PA", "j")
+    dwi("sub-08/dwi/sub-08_dir-AP", "j-")
+    dwi("sub-08/dwi/sub-08_dir-PA", "j")
+    del files["sub-08/dwi/sub-08_dir-PA_dwi.bval"]
+    for sub in ("01", "02", "03", "05", "06", "07", "08"):
         images.append((f"sub-{sub}/anat/sub-{sub}_T1w.nii.gz", grid, (6, 7, 5)))
     root = tree(files)
     for rel, affine, shape in images:
@@ -150,10 +157,10 @@ def test_reversed_phase_encoding_partners(pepolar, caplog):
     assert (ap.phase_encoding, ap.readout_time) == ("j-", 0.05)
     assert ap.reverse_pe.image == pa.dwi and ap.reverse_pe.bval == pa.bval
     assert ap.reverse_pe.phase_encoding == "j" and pa.reverse_pe.image == ap.dwi
-    # An fmap EPI meant for the run; a run with the same phase encoding is no partner.
+    # An fmap EPI meant for the run comes first; a run with the same direction is no partner.
     epi = runs["sub-02_dir-AP_run-1"].reverse_pe
     assert epi.image.name == "sub-02_dir-PA_epi.nii.gz" and epi.bval is None
-    assert runs["sub-02_dir-AP_run-2"].reverse_pe is None
+    assert runs["sub-02_dir-AP_run-2"].reverse_pe.image == runs["sub-02_dir-PA"].dwi
     assert runs["sub-05_dir-AP"].reverse_pe.image.name == "sub-05_dir-PA_epi.nii.gz"
     sub06 = runs["sub-06_dir-LR"].reverse_pe
     assert sub06.image.name == "sub-06_dir-RL_epi.nii.gz" and sub06.readout_time is None
@@ -161,6 +168,9 @@ def test_reversed_phase_encoding_partners(pepolar, caplog):
     assert runs["sub-03_dir-AP"].reverse_pe is None
     assert "another grid" in caplog.text
     assert runs["sub-04_dir-AP"].reverse_pe is None and runs["sub-04_dir-AP"].t1w is None
+    assert runs["sub-07_ses-1_dir-AP"].reverse_pe is None
+    assert runs["sub-07_ses-1_dir-AP"].t1w is not None  # the session-less T1w
+    assert runs["sub-08_dir-AP"].reverse_pe is None and "no .bval" in caplog.text
 
 
 def test_ignore_fieldmaps(pepolar):

@@ -103,6 +103,22 @@ def test_readout_ratio_scales_the_reverse_displacement():
     assert np.median(np.abs(fit.displacement - disp)[inside]) < 0.15
 
 
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_resampling_moves_along_the_given_axis(axis):
+    """Against SciPy on every axis: a smooth displacement along ``axis`` only."""
+    rho = _object()
+    disp = _field() * 0.8
+    coords = np.indices(SHAPE, dtype=float)
+    coords[axis] += disp
+    expected = ndimage.map_coordinates(rho, coords, order=1, mode="nearest")
+    np.testing.assert_allclose(sdc.unwarp(rho, disp, axis, modulate=False), expected, atol=1e-5)
+    positions = sdc.true_positions(disp, axis)
+    seen = positions[axis] + ndimage.map_coordinates(disp, positions, order=1, mode="nearest")
+    inner = [slice(None)] * 3
+    inner[axis] = slice(2, -2)
+    assert np.abs(seen - np.indices(SHAPE)[axis])[tuple(inner)].max() < 1e-6
+
+
 def test_true_positions_invert_the_displacement():
     disp = _field()
     coords = sdc.true_positions(disp, AXIS)
@@ -111,7 +127,7 @@ def test_true_positions_invert_the_displacement():
     np.testing.assert_array_equal(coords[0], np.indices(SHAPE)[0])
 
 
-def test_unwarp_then_distort_returns_the_object(pair):
+def test_unwarping_the_distorted_image_returns_the_object(pair):
     rho, disp, up, _ = pair
     restored = sdc.unwarp(up, disp, AXIS)
     inside = ndimage.binary_erosion(rho > 0.3, iterations=2)
@@ -122,7 +138,7 @@ def test_phase_encoding_and_fieldmap_units():
     pe = sdc.PhaseEncoding("j-", 0.05)
     assert (pe.axis, pe.sign) == (1, -1)
     assert pe.is_reverse_of(sdc.PhaseEncoding("j")) and not pe.is_reverse_of(sdc.PhaseEncoding("i"))
-    # 2.5 voxels towards -j over 50 ms readout in a j- run: +50 Hz.
+    # In a j- run over a 50 ms readout, 2.5 voxels towards +j is -50 Hz, towards -j +50 Hz.
     assert sdc.fieldmap_hz(np.full((2, 2, 2), 2.5), pe)[0, 0, 0] == pytest.approx(-50.0)
     assert sdc.fieldmap_hz(np.full((2, 2, 2), -2.5), pe)[0, 0, 0] == pytest.approx(50.0)
     assert sdc.fieldmap_hz(np.ones((2, 2, 2)), sdc.PhaseEncoding("j")) is None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from nipype.interfaces.base import (
     BaseInterfaceInputSpec,
     File,
@@ -9,6 +11,8 @@ from nipype.interfaces.base import (
     TraitedSpec,
     traits,
 )
+
+LOGGER = logging.getLogger("bids_deepanat")
 
 
 class _EstimateDistortionInputSpec(BaseInterfaceInputSpec):
@@ -59,6 +63,9 @@ class EstimateDistortion(SimpleInterface):
         own = PhaseEncoding(self.inputs.phase_encoding, self.inputs.readout_time)
         other = PhaseEncoding(self.inputs.reverse_phase_encoding,
                               self.inputs.reverse_readout_time)
+        if bool(own.readout_time) != bool(other.readout_time):
+            LOGGER.warning("%s: only one of the pair has a readout time; both are assumed to "
+                           "share it", name)
         try:
             if self.inputs.reverse_bval_file:
                 bvals = np.loadtxt(self.inputs.reverse_bval_file, ndmin=1)

@@ -121,8 +121,8 @@ def target_outputs(run: DwiRun, bids_dir: Path) -> dict[str, tuple[Path, dict]]:
     if "fieldmap" in paths:
         outputs["fieldmap"] = (paths["fieldmap"], {
             "Description": "Off-resonance field estimated from the run's b=0 and its reversed "
-                           "phase-encoding partner, on the DWI grid (positive: signal displaced "
-                           "towards the positive end of the phase-encoding axis)",
+                           "phase-encoding partner, on the DWI grid (a positive field displaces "
+                           "signal in the direction of PhaseEncodingDirection)",
             "Units": "Hz",
             "SkullStripped": False,
             "PhaseEncodingDirection": run.phase_encoding,
@@ -200,6 +200,9 @@ def is_complete(
         corrected = "DistortionCorrection" in meta
         if corrected != (run.reverse_pe is not None):
             return False
+        if corrected and not any(str(source).endswith("/" + run.reverse_pe.image.name)
+                                 for source in meta.get("Sources", [])):
+            return False  # another partner now
     if not synthesize:
         return True
     rel = derivative_path(run, datatype="anat", desc="synth", suffix="T1w")
