@@ -265,14 +265,11 @@ def _epis_for(layout, bids_file, entities: dict) -> list[Path]:
     return sorted(found)
 
 
-def _find_reverse_pe(layout, bids_file, entities: dict) -> ReversePE | None:
+def _find_reverse_pe(layout, bids_file, entities: dict, direction: str) -> ReversePE | None:
     """The run's reversed phase-encoding partner on its grid: an ``fmap`` EPI meant for it
     (``IntendedFor``/``B0FieldIdentifier``), else another DWI run of the same session."""
     from .sdc import PhaseEncoding
 
-    direction, _ = _phase_encoding(layout, bids_file.path)
-    if direction is None:
-        return None
     own = PhaseEncoding(direction)
     candidates = [(epi, None) for epi in _epis_for(layout, bids_file, entities)]
     n_epis = len(candidates)
@@ -338,8 +335,8 @@ def collect_runs(
         t1w = _find_t1w(layout, entities["subject"], entities.get("session"))
         direction, readout = _phase_encoding(layout, bids_file.path)
         reverse = None
-        if t1w is not None and not ignore_fieldmaps:  # only the target needs it
-            reverse = _find_reverse_pe(layout, bids_file, entities)
+        if t1w is not None and direction is not None and not ignore_fieldmaps:
+            reverse = _find_reverse_pe(layout, bids_file, entities, direction)  # for the target
         runs.append(DwiRun(
             entities=entities,
             dwi=Path(bids_file.path),
